@@ -1,0 +1,26 @@
+"""fdlib: contextual heads, split-softmax and focus directions (Zhu et al., 2025) on TransformerLens."""
+
+from fdlib.data import NQBuilder, QASample, qa_samples
+from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
+from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
+from fdlib.models import DEFAULT_MODEL, ModelNotAvailableError, load_model
+from fdlib.scoring import (
+    KINDS,
+    SampleScores,
+    contextual_scores,
+    head_label,
+    head_table,
+    heads_above,
+    mean_scores,
+    score_dataset,
+    score_sample,
+    top_heads,
+)
+from fdlib.spans import Span
+
+__all__ = [
+    "Answer", "DEFAULT_MODEL", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
+    "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "contextual_scores",
+    "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
+    "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "top_heads",
+]

@@ -1,0 +1,294 @@
+"""NQ-open multi-document QA: the shipped questions, a stable split, BM25 distractors, prompts
+in the model's chat template with one exact token `Span` per document.
+
+Data: the 2,655 NaturalQuestions-Open questions with gold passages of "Lost in the Middle"
+(Liu et al., 2023; MIT licence, Copyright (c) 2023 Nelson Liu; passages from Wikipedia, CC BY-SA),
+shipped as `fdlib/data/nq-open-oracle.jsonl.gz`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from importlib import resources
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from fdlib.evaluate import normalize_answer
+from fdlib.spans import Span
+
+Size = Literal["quick", "full"]
+Split = Literal["train", "test"]
+Variant = Literal["long", "gold", "negative"]
+
+# The one place sizes are set: `quick` is what CI runs, `full` is the whole split.
+SIZES: dict[str, int | None] = {"quick": 6, "full": None}
+SPLIT_SEED = 0
+
+INSTRUCTION = (
+    "Write a high-quality answer for the given question using only the provided search results "
+    "(some of which might be irrelevant)."
+)
+
+
+def n_samples(size: Size | int) -> int | None:
+    """Number of samples for a size name (None = all), or an explicit count."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        return size
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}: expected one of {sorted(SIZES)} or a positive int")
+    return SIZES[size]
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+
+    def line(self, index: int) -> str:
+        """The study's one-line rendering, numbered from 1."""
+        return f"Document [{index + 1}](Title: {self.title}) {self.text}"
+
+
+@dataclass(frozen=True)
+class NQExample:
+    index: int  # line number in the shipped file: the example's stable id
+    question: str
+    answers: tuple[str, ...]
+    gold: Document
+
+    @property
+    def id(self) -> str:
+        return f"nq{self.index:04d}"
+
+
+def load_nq() -> list[NQExample]:
+    """All 2,655 questions, in file order."""
+    path = resources.files("fdlib") / "data" / "nq-open-oracle.jsonl.gz"
+    out = []
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            obj = json.loads(line)
+            ctx = obj["ctxs"][0]
+            # Stripped: a trailing space would merge with the line's newline into one token
+            # (" \n"), and the document's span would no longer end on a token boundary.
+            doc = Document(ctx["title"].strip(), ctx["text"].strip())
+            out.append(NQExample(i, obj["question"].strip(), tuple(obj["answers"]), doc))
+    return out
+
+
+def split_examples(examples: Sequence[NQExample], split: Split, seed: int = SPLIT_SEED) -> list[NQExample]:
+    """A deterministic 50/50 split: order by SHA-256 of (seed, question), first half is train.
+
+    A hash of the text (not an RNG stream) gives the same split on every machine and version.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}: expected 'train' or 'test'")
+    ranked = sorted(examples, key=lambda e: hashlib.sha256(f"{seed}:{e.question}".encode()).hexdigest())
+    half = len(ranked) // 2
+    chosen = ranked[:half] if split == "train" else ranked[half:]
+    return sorted(chosen, key=lambda e: hashlib.sha256(f"{seed}:order:{e.question}".encode()).hexdigest())
+
+
+class Retriever:
+    """BM25 (bm25s) over every shipped gold passage, for on-topic but wrong distractors."""
+
+    def __init__(self, examples: Sequence[NQExample]) -> None:
+        import bm25s
+
+        # One entry per distinct passage (some questions share a gold passage).
+        seen: dict[tuple[str, str], int] = {}
+        for e in examples:
+            seen.setdefault((e.gold.title, e.gold.text), len(seen))
+        self.passages = [Document(t, x) for (t, x) in seen]
+        self._norm = [normalize_answer(f"{d.title} {d.text}") for d in self.passages]
+        self._bm25 = bm25s.BM25()
+        self._bm25.index(bm25s.tokenize([f"{d.title} {d.text}" for d in self.passages], show_progress=False), show_progress=False)
+
+    def distractors(self, example: NQExample, k: int) -> list[Document]:
+        """The k best-ranked passages for the question that are not its gold passage and
+        contain no normalised answer string (so they are on-topic and wrong)."""
+        import bm25s
+
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if k == 0:
+            return []
+        answers = [a for a in (normalize_answer(x) for x in example.answers) if a]
+        query = bm25s.tokenize([example.question], show_progress=False)
+        n = min(len(self.passages), max(4 * k, 50))
+        while True:
+            idx, _ = self._bm25.retrieve(query, k=n, show_progress=False)
+            out = []
+            for i in idx[0]:
+                doc = self.passages[int(i)]
+                if doc == example.gold or any(a in self._norm[int(i)] for a in answers):
+                    continue
+                out.append(doc)
+                if len(out) == k:
+                    return out
+            if n == len(self.passages):
+                raise ValueError(f"only {len(out)} distractors available for {example.id}, asked for {k}")
+            n = min(len(self.passages), n * 4)
+
+
+@dataclass(frozen=True)
+class QASample:
+    """One prompt, tokenised, with exact token spans.
+
+    `doc_spans[i]` covers the line `Document [i+1](Title: ...) ...` exactly; `gold_index` is the
+    position of the relevant document in `documents` (None for the negative variant).
+    """
+
+    id: str
+    variant: Variant
+    question: str
+    answers: tuple[str, ...]
+    documents: tuple[Document, ...]
+    gold_index: int | None
+    text: str
+    input_ids: Int[Tensor, "pos"]
+    doc_spans: tuple[Span, ...]
+    question_span: Span
+    sink_span: Span
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def gold_span(self) -> Span | None:
+        return None if self.gold_index is None else self.doc_spans[self.gold_index]
+
+    def named_spans(self) -> dict[str, Span]:
+        """Every span by name: `doc0`..`doc{k-1}`, `question`, `sink`."""
+        spans = {f"doc{i}": s for i, s in enumerate(self.doc_spans)}
+        spans["question"] = self.question_span
+        spans["sink"] = self.sink_span
+        return spans
+
+
+def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, what: str) -> Span:
+    """The token span whose characters are exactly [start, end): boundaries must fall between
+    tokens, else the span would be fuzzy and we refuse it."""
+    first = next((t for t, (s, e) in enumerate(offsets) if s == start and e > s), None)
+    last = next((t for t, (s, e) in enumerate(offsets) if e == end and e > s), None)
+    if first is None or last is None or last < first:
+        raise ValueError(f"{what}: characters [{start}, {end}) do not fall on token boundaries")
+    return Span(first, last + 1)
+
+
+def render_prompt(question: str, documents: Sequence[Document]) -> tuple[str, list[tuple[int, int]], tuple[int, int]]:
+    """The study's prompt; returns the text and the char ranges of each document line and of the
+    question line (`Question: ...`; the label keeps the span on token boundaries)."""
+    parts = [INSTRUCTION, "\n\n"]
+    pos = sum(len(p) for p in parts)
+    doc_chars = []
+    for i, doc in enumerate(documents):
+        line = doc.line(i)
+        doc_chars.append((pos, pos + len(line)))
+        parts += [line, "\n"]
+        pos += len(line) + 1
+    q_line = f"Question: {question}"
+    parts += ["\n", q_line, "\nAnswer:"]
+    q_start = pos + 1
+    return "".join(parts), doc_chars, (q_start, q_start + len(q_line))
+
+
+def build_sample(
+    tokenizer: Any,
+    example: NQExample,
+    documents: Sequence[Document],
+    gold_index: int | None,
+    variant: Variant,
+    sample_id: str,
+) -> QASample:
+    """Tokenise the prompt inside the tokenizer's chat template and locate every span."""
+    content, doc_chars, q_chars = render_prompt(example.question, documents)
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
+        if text.count(content) != 1:
+            raise ValueError("the chat template does not contain the prompt exactly once")
+        shift = text.index(content)
+    else:
+        text, shift = content, 0
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    doc_spans = tuple(
+        _char_span_to_tokens(offsets, s + shift, e + shift, f"{sample_id} document {i + 1}")
+        for i, (s, e) in enumerate(doc_chars)
+    )
+    q_span = _char_span_to_tokens(offsets, q_chars[0] + shift, q_chars[1] + shift, f"{sample_id} question")
+    return QASample(
+        id=sample_id,
+        variant=variant,
+        question=example.question,
+        answers=example.answers,
+        documents=tuple(documents),
+        gold_index=gold_index,
+        text=text,
+        input_ids=torch.tensor(enc["input_ids"], dtype=torch.long),
+        doc_spans=doc_spans,
+        question_span=q_span,
+        sink_span=Span(0, 1),
+    )
+
+
+class NQBuilder:
+    """Builds k-document samples; holds the examples and the BM25 index (built once)."""
+
+    def __init__(self, tokenizer: Any, examples: Sequence[NQExample] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.examples = list(examples) if examples is not None else load_nq()
+
+    @cached_property
+    def retriever(self) -> Retriever:
+        return Retriever(self.examples)
+
+    def sample(
+        self, example: NQExample, n_docs: int = 20, gold_position: int | None = None, variant: Variant = "long"
+    ) -> QASample:
+        """`long`: gold at `gold_position` (1-based; default the middle) among n_docs-1 BM25
+        distractors; `gold`: the gold passage alone; `negative`: the same distractors, no gold."""
+        if n_docs < 1:
+            raise ValueError(f"n_docs must be >= 1, got {n_docs}")
+        pos = (n_docs + 1) // 2 if gold_position is None else gold_position
+        if not 1 <= pos <= n_docs:
+            raise ValueError(f"gold_position {gold_position} is outside 1..{n_docs}")
+        if variant == "gold":
+            return build_sample(self.tokenizer, example, [example.gold], 0, "gold", f"{example.id}/gold")
+        distractors = self.retriever.distractors(example, n_docs - 1)
+        if variant == "negative":
+            return build_sample(self.tokenizer, example, distractors, None, "negative", f"{example.id}/neg{n_docs - 1}")
+        if variant != "long":
+            raise ValueError(f"unknown variant {variant!r}: expected 'long', 'gold' or 'negative'")
+        docs = distractors[: pos - 1] + [example.gold] + distractors[pos - 1 :]
+        return build_sample(self.tokenizer, example, docs, pos - 1, "long", f"{example.id}/k{n_docs}g{pos}")
+
+    def samples(
+        self,
+        *,
+        split: Split = "test",
+        size: Size | int = "quick",
+        n_docs: int = 20,
+        gold_position: int | None = None,
+        variant: Variant = "long",
+        seed: int = SPLIT_SEED,
+    ) -> list[QASample]:
+        chosen = split_examples(self.examples, split, seed)[: n_samples(size)]
+        return [self.sample(e, n_docs, gold_position, variant) for e in chosen]
+
+
+def qa_samples(tokenizer: Any, **kwargs: Any) -> list[QASample]:
+    """Shortcut for `NQBuilder(tokenizer).samples(**kwargs)`."""
+    return NQBuilder(tokenizer).samples(**kwargs)

@@ -1,0 +1,222 @@
+"""The engine: prefill a prompt once, decode a greedy answer under hooks, record span sums.
+
+`decode` is the only place that generates text. A `SpanRecorder` on every layer's `hook_pattern`
+keeps, per response row, the attention mass on each named span (`[n_heads, n_spans]` per layer and
+row), never a T x T pattern.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib.models import fast_prefill_model, stop_token_ids
+from fdlib.spans import Span, check_spans
+
+
+def _as_ids(tokens: Tensor | Sequence[int]) -> Int[Tensor, "pos"]:
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    if ids.ndim == 2:
+        if ids.shape[0] != 1:
+            raise ValueError(f"tokens must be 1-D or [1, pos], got shape {tuple(ids.shape)}")
+        ids = ids[0]
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise ValueError(f"tokens must be a non-empty 1-D sequence, got shape {tuple(ids.shape)}")
+    return ids
+
+
+@dataclass
+class Prefix:
+    """The KV cache of `tokens[:-1]` plus the last prompt token, not yet run.
+
+    The last prompt row produces the first answer token, so it is left for `decode` to run on
+    the bridge, where hooks (interventions with `from_pos = len(prompt) - 1`) see it.
+    """
+
+    cache: Any  # transformers.DynamicCache holding positions [0, length - 1)
+    tokens: Int[Tensor, "pos"]
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def _new_cache(model: TransformerBridge) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.original_model.config)
+
+
+@torch.inference_mode()
+def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int]) -> Prefix:
+    """Compute the KV cache of all prompt tokens but the last, on the fastest path available.
+
+    With the sdpa twin from `load_model` this runs without eager attention and without hooks
+    (nothing here is recorded or edited); otherwise it falls back to the bridge itself.
+    """
+    ids = _as_ids(tokens).to(model.cfg.device)
+    cache = _new_cache(model)
+    if ids.shape[0] > 1:
+        twin = fast_prefill_model(model)
+        if twin is not None:
+            twin(ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            model(ids[None, :-1], past_key_values=cache, return_type=None)
+    return Prefix(cache=cache, tokens=ids)
+
+
+def _cache_len(cache: Any) -> int:
+    return int(cache.get_seq_length())
+
+
+class SpanRecorder:
+    """Records, for every query row at position >= `from_pos`, each head's attention on each span.
+
+    Hooked on `blocks.{l}.attn.hook_pattern` (shape `batch head_index query_pos key_pos`); the
+    query rows of a call are the last `query_pos` of the `key_pos` positions, so the absolute
+    position of a row is known in a full forward and in a cached decode step alike.
+    """
+
+    def __init__(self, spans: dict[str, Span], from_pos: int, n_layers: int) -> None:
+        if from_pos < 0:
+            raise ValueError(f"from_pos must be >= 0, got {from_pos}")
+        self.names = list(spans)
+        self.spans = dict(spans)
+        self.from_pos = from_pos
+        self.n_layers = n_layers
+        # rows[layer] is a list of [query_rows, head_index, n_spans] blocks, in order.
+        self._rows: list[list[Tensor]] = [[] for _ in range(n_layers)]
+        self._indicator: Tensor | None = None
+
+    def _indicator_for(self, n_keys: int, like: Tensor) -> Float[Tensor, "key_pos n_spans"]:
+        ind = self._indicator
+        if ind is None or ind.shape[0] < n_keys or ind.dtype != like.dtype or ind.device != like.device:
+            size = max(n_keys, max(s.end for s in self.spans.values()))
+            ind = torch.zeros(size, len(self.names), dtype=like.dtype, device=like.device)
+            for k, name in enumerate(self.names):
+                ind[self.spans[name].slice, k] = 1.0
+            self._indicator = ind
+        return ind[:n_keys]
+
+    def hook(self, layer: int):
+        def record(pattern: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> None:
+            n_q, n_k = pattern.shape[-2], pattern.shape[-1]
+            first_row = n_k - n_q  # absolute position of the first query row in this call
+            skip = max(0, self.from_pos - first_row)
+            if skip >= n_q:
+                return
+            for name, span in self.spans.items():
+                if span.end > n_k:
+                    raise ValueError(f"span {name!r} {span} lies past the {n_k} positions attended to")
+            rows = pattern[0, :, skip:, :].float()  # [head, rows, key]
+            sums = rows @ self._indicator_for(n_k, rows)  # [head, rows, n_spans]
+            self._rows[layer].append(sums.permute(1, 0, 2).detach().cpu())
+
+        return record
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        return [(f"blocks.{l}.attn.hook_pattern", self.hook(l)) for l in range(self.n_layers)]
+
+    @property
+    def n_rows(self) -> int:
+        return sum(t.shape[0] for t in self._rows[0])
+
+    def per_row(self) -> Float[Tensor, "row n_layers n_heads n_spans"]:
+        if self.n_rows == 0:
+            raise ValueError("the recorder saw no query row at or after from_pos")
+        return torch.stack([torch.cat(blocks, dim=0) for blocks in self._rows], dim=1)
+
+    def mean(self) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+        """S_X = mean over recorded rows of the attention mass on X, per layer and head."""
+        m = self.per_row().mean(dim=0)
+        return {name: m[..., k] for k, name in enumerate(self.names)}
+
+
+@contextlib.contextmanager
+def hooks(model: TransformerBridge, fwd_hooks: list[tuple[str, Any]]) -> Iterator[None]:
+    """Add forward hooks for the body; always removed, also when the body raises."""
+    handles = []
+    try:
+        for name, fn in fwd_hooks:
+            model.hook_dict[name].add_hook(fn)
+            handles.append(name)
+        yield
+    finally:
+        for name in handles:
+            model.hook_dict[name].remove_hooks()
+
+
+@dataclass
+class Answer:
+    """A greedy answer: its tokens (no stop token), text, and per-span scores if recorded."""
+
+    tokens: list[int]
+    text: str
+    scores: dict[str, Float[Tensor, "n_layers n_heads"]] = field(default_factory=dict)
+
+
+def _stop_ids(model: TransformerBridge) -> set[int]:
+    # Cached on the model object (not module state): the vocabulary scan is done once per model.
+    ids = model.__dict__.get("_fdlib_stop_ids")
+    if ids is None:
+        ids = stop_token_ids(model.tokenizer)
+        model.__dict__["_fdlib_stop_ids"] = ids
+    return ids
+
+
+@torch.inference_mode()
+def decode(
+    model: TransformerBridge,
+    prefix: Prefix,
+    *,
+    max_new_tokens: int = 32,
+    spans: dict[str, Span] | None = None,
+    extra_hooks: list[tuple[str, Any]] = (),
+) -> Answer:
+    """Greedy answer from a prefix; the prefix's cache is restored afterwards, so it can be reused.
+
+    If `spans` is given, each head's attention on each span is averaged over the response rows
+    (the rows of the answer tokens, positions >= len(prompt)); this equals
+    `contextual_scores(model, prompt + answer, len(prompt), spans)`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if _cache_len(prefix.cache) != prefix.length - 1:
+        raise ValueError(
+            f"prefix cache holds {_cache_len(prefix.cache)} positions, expected {prefix.length - 1}"
+        )
+    stop = _stop_ids(model)
+    eos_like = {i for i in stop if "\n" not in model.tokenizer.decode([i])}
+    recorder = None
+    hook_list = list(extra_hooks)
+    if spans:
+        check_spans(spans, prefix.length)
+        recorder = SpanRecorder(spans, from_pos=prefix.length, n_layers=model.cfg.n_layers)
+        hook_list += recorder.fwd_hooks()
+    answer: list[int] = []
+    fed = 0
+    try:
+        with hooks(model, hook_list):
+            next_input = prefix.tokens[-1:]
+            while True:
+                logits = model(next_input[None, :], past_key_values=prefix.cache, return_type="logits")
+                fed += 1
+                if len(answer) == max_new_tokens:
+                    break  # the last answer token's row is recorded; its prediction is unused
+                token = int(logits[0, -1].argmax())
+                has_text = model.tokenizer.decode(answer).strip() != ""
+                if token in eos_like or (token in stop and has_text):
+                    break
+                answer.append(token)
+                next_input = torch.tensor([token], device=prefix.tokens.device)
+    finally:
+        if fed:
+            prefix.cache.crop(-fed)  # transformers' crop takes minus the number of tokens to drop
+    scores = recorder.mean() if recorder is not None and answer else {}
+    return Answer(tokens=answer, text=model.tokenizer.decode(answer, skip_special_tokens=True), scores=scores)

@@ -1,0 +1,193 @@
+"""Contextual scores: how much each head attends to a span from the response rows.
+
+S_X = 1/|R| sum_{i in R} sum_{j in X} W_ij, per layer and query head, R the response rows.
+The teacher-forced form (`contextual_scores`) and the generation form (`score_sample`, scored
+while decoding) share one recorder (`decoding.SpanRecorder`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib.data import QASample
+from fdlib.decoding import SpanRecorder, _as_ids, decode, hooks, prefill
+from fdlib.evaluate import best_subspan_em, bootstrap_ci
+from fdlib.models import model_name
+from fdlib.spans import Span, check_spans
+from fdlib.store import Row, Store
+
+KINDS = ("relevant", "irrelevant", "irmax", "sink")
+KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+@torch.inference_mode()
+def contextual_scores(
+    model: TransformerBridge,
+    tokens: Tensor | Sequence[int],
+    response_start: int,
+    spans: dict[str, Span],
+) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+    """Teacher-forced scores of `tokens` = prompt + response, response rows `[response_start, T)`.
+
+    The prompt's KV cache comes from the fast prefill; only the response rows run through the
+    bridge's hooked attention, so no T x T pattern is ever materialised for the prompt rows.
+    """
+    ids = _as_ids(tokens)
+    T = int(ids.shape[0])
+    if isinstance(response_start, bool) or not isinstance(response_start, int) or not 0 < response_start < T:
+        raise ValueError(
+            f"response_start must be in [1, {T - 1}] for a sequence of length {T}, got {response_start!r}"
+        )
+    check_spans(spans, T)
+    prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
+    recorder = SpanRecorder(spans, from_pos=response_start, n_layers=model.cfg.n_layers)
+    with hooks(model, recorder.fwd_hooks()):
+        model(ids[None, response_start:].to(model.cfg.device), past_key_values=prefix.cache, return_type=None)
+    return recorder.mean()
+
+
+def kind_scores(
+    doc_scores: Float[Tensor, "n_docs n_layers n_heads"],
+    gold_index: int | None,
+    sink: Float[Tensor, "n_layers n_heads"],
+) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+    """The four kinds from per-document scores. Undefined kinds are NaN: relevant without a
+    gold document (negative input), IR-max without an irrelevant one (gold-only input)."""
+    nan = torch.full_like(sink, float("nan"))
+    n = doc_scores.shape[0]
+    others = [i for i in range(n) if i != gold_index]
+    irr = doc_scores[others]
+    return {
+        "relevant": doc_scores[gold_index] if gold_index is not None else nan,
+        "irrelevant": irr.sum(0) if others else torch.zeros_like(sink),
+        "irmax": irr.max(0).values if others else nan,
+        "sink": sink,
+    }
+
+
+@dataclass(frozen=True)
+class SampleScores:
+    """One sample's greedy answer, its EM, and the four kinds of score."""
+
+    sample_id: str
+    variant: str
+    answer: str
+    em: bool
+    kinds: dict[str, Float[Tensor, "n_layers n_heads"]]
+
+
+def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: int = 32) -> SampleScores:
+    """Greedy answer with the KV cache, scoring the response rows as they are produced."""
+    answer = decode(model, prefill(model, sample.input_ids), max_new_tokens=max_new_tokens, spans=sample.named_spans())
+    n_docs = len(sample.doc_spans)
+    if answer.scores:
+        docs = torch.stack([answer.scores[f"doc{i}"] for i in range(n_docs)])
+        kinds = kind_scores(docs, sample.gold_index, answer.scores["sink"])
+    else:  # empty answer: no response row to score
+        nan = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+        kinds = {k: nan for k in KINDS}
+    return SampleScores(sample.id, sample.variant, answer.text, best_subspan_em(answer.text, sample.answers), kinds)
+
+
+def _config_key(model: TransformerBridge, max_new_tokens: int) -> str:
+    return f"contextual|{model_name(model)}|greedy{max_new_tokens}"
+
+
+def score_dataset(
+    model: TransformerBridge,
+    samples: Sequence[QASample],
+    *,
+    store: str | Path | Store | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[SampleScores]:
+    """Score every sample; with a store, finished samples are read back instead of recomputed
+    and each new one is committed as soon as it is done (a crash loses at most one sample)."""
+    db = Store(store) if isinstance(store, (str, Path)) else store
+    config = _config_key(model, max_new_tokens)
+    out = []
+    try:
+        cached = {r.sample_id: r for r in db.rows(config)} if db is not None else {}
+        for sample in tqdm(samples, desc="scoring samples", disable=not progress):
+            row = cached.get(sample.id)
+            if row is not None:
+                kinds = {k: torch.from_numpy(row.arrays[k]) for k in KINDS}
+                out.append(SampleScores(sample.id, row.record["variant"], row.record["answer"], row.record["em"], kinds))
+                continue
+            result = score_sample(model, sample, max_new_tokens=max_new_tokens)
+            if db is not None:
+                record = {"variant": result.variant, "answer": result.answer, "em": result.em}
+                arrays = {k: v.numpy() for k, v in result.kinds.items()}
+                db.put([Row(sample.id, config, record, arrays)])
+            out.append(result)
+    finally:
+        if db is not None and db is not store:
+            db.close()
+    return out
+
+
+def stack_kind(results: Sequence[SampleScores], kind: str) -> Float[Tensor, "sample n_layers n_heads"]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown score kind {kind!r}: expected one of {KINDS}")
+    if not results:
+        raise ValueError("no results to aggregate")
+    return torch.stack([r.kinds[kind] for r in results])
+
+
+def mean_scores(results: Sequence[SampleScores], kind: str = "relevant") -> Float[Tensor, "n_layers n_heads"]:
+    """Mean over samples (NaN-aware: samples where the kind is undefined are left out)."""
+    return torch.nanmean(stack_kind(results, kind), dim=0)
+
+
+def top_heads(scores: Float[Tensor, "n_layers n_heads"], k: int) -> list[tuple[int, int]]:
+    """The k heads with the highest score, best first, as (layer, head)."""
+    n_layers, n_heads = scores.shape
+    if not 1 <= k <= n_layers * n_heads:
+        raise ValueError(f"k must be in [1, {n_layers * n_heads}], got {k}")
+    flat = torch.nan_to_num(scores.flatten(), nan=-float("inf"))
+    order = torch.argsort(flat, descending=True, stable=True)[:k]
+    return [(int(i) // n_heads, int(i) % n_heads) for i in order]
+
+
+def heads_above(scores: Float[Tensor, "n_layers n_heads"], thresholds: Iterable[float] = (0.2, 0.1, 0.05)) -> dict[float, int]:
+    """How many heads score above each threshold (the paper's sparsity count)."""
+    return {t: int((scores > t).sum()) for t in thresholds}
+
+
+def head_table(
+    results: Sequence[SampleScores],
+    heads: Sequence[tuple[int, int]],
+    *,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per head: mean R, IR, IR-max, Sink over samples with bootstrap CIs (the paper's Table 1)."""
+    rows = []
+    stacks = {k: stack_kind(results, k) for k in KINDS}
+    for layer, head in heads:
+        row: dict[str, object] = {"head": head_label(layer, head)}
+        for kind in KINDS:
+            mean, lo, hi = bootstrap_ci(stacks[kind][:, layer, head].numpy(), level=level)
+            label = KIND_LABELS[kind]
+            row[label], row[f"{label} lo"], row[f"{label} hi"] = mean, lo, hi
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("head")
+
+
+def em_summary(results: Sequence[SampleScores], *, level: float = 0.95) -> dict[str, float]:
+    """EM mean and bootstrap CI over samples."""
+    mean, lo, hi = bootstrap_ci(np.array([r.em for r in results], dtype=float), level=level)
+    return {"em": mean, "lo": lo, "hi": hi, "n": len(results)}

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+import fdlib
+from fdlib.decoding import prefill
+
+
+def test_cached_decode_step_equals_full_forward(tiny):
+    """Regression guard for the transformers cap (<5.24): a bridge step over the fast-prefill
+    cache must equal the full forward, not attend to its own token only."""
+    torch.manual_seed(3)
+    ids = torch.randint(5, 64, (33,))
+    prefix = prefill(tiny.model, ids)
+    with torch.no_grad():
+        step = tiny.model(ids[None, -1:], past_key_values=prefix.cache, return_type="logits")[0, -1]
+        full = tiny.hf(ids[None]).logits[0, -1]
+        bridge_full = tiny.model(ids[None], return_type="logits")[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=0)
+    torch.testing.assert_close(bridge_full, full, atol=1e-4, rtol=0)
+    assert (step - full).abs().max() < 1e-4
+
+
+def greedy_reference(hf, prompt, n):
+    """Greedy decoding by full forwards of an independent eager model (no cache at all)."""
+    ids = prompt.clone()
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            tok = int(hf(ids[None]).logits[0, -1].argmax())
+            out.append(tok)
+            ids = torch.cat([ids, torch.tensor([tok])])
+    return out
+
+
+def test_decode_matches_uncached_greedy_and_restores_cache(tiny):
+    torch.manual_seed(4)
+    prompt = torch.randint(5, 64, (20,))
+    prefix = prefill(tiny.model, prompt)
+    ref = greedy_reference(tiny.hf, prompt, 8)
+    stop = tiny.model.__dict__.get("_fdlib_stop_ids") or fdlib.models.stop_token_ids(tiny.tokenizer)
+    expected = []
+    for t in ref:  # the reference cut where decode stops (EOS or newline token)
+        if t in stop:
+            break
+        expected.append(t)
+    a = fdlib.decode(tiny.model, prefix, max_new_tokens=8)
+    assert a.tokens == expected
+    assert prefix.cache.get_seq_length() == prompt.shape[0] - 1
+    b = fdlib.decode(tiny.model, prefix, max_new_tokens=8)  # reusing the same prefix
+    assert b.tokens == a.tokens and b.text == a.text
+
+
+def test_decode_rejects_bad_arguments(tiny):
+    prefix = prefill(tiny.model, torch.randint(5, 64, (10,)))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        fdlib.decode(tiny.model, prefix, max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"Span\(5, 50\).*sequence length 10"):
+        fdlib.decode(tiny.model, prefix, spans={"x": fdlib.Span(5, 50)})
+
+
+def test_hooks_removed_even_when_body_raises(tiny):
+    calls = []
+    name = "blocks.0.attn.hook_pattern"
+    with pytest.raises(RuntimeError):
+        with fdlib.hooks(tiny.model, [(name, lambda t, hook: calls.append(1))]):
+            tiny.model(torch.tensor([[5, 6, 7]]))
+            raise RuntimeError("boom")
+    assert calls == [1]
+    tiny.model(torch.tensor([[5, 6, 7]]))
+    assert calls == [1]
