@@ -6,8 +6,10 @@ from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
 from fdlib.models import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from fdlib.scoring import (
     KINDS,
+    ContextualStudy,
     SampleScores,
     contextual_scores,
+    contextual_study,
     head_label,
     head_table,
     heads_above,
@@ -20,7 +22,7 @@ from fdlib.spans import Span
 
 __all__ = [
     "Answer", "DEFAULT_MODEL", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
-    "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "contextual_scores",
+    "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
     "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
     "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "top_heads",
 ]

@@ -191,3 +191,78 @@ def em_summary(results: Sequence[SampleScores], *, level: float = 0.95) -> dict[
     """EM mean and bootstrap CI over samples."""
     mean, lo, hi = bootstrap_ci(np.array([r.em for r in results], dtype=float), level=level)
     return {"em": mean, "lo": lo, "hi": hi, "n": len(results)}
+
+
+@dataclass(frozen=True)
+class ContextualStudy:
+    """Scores of the same questions as a long (k-document) input and as a gold-only input."""
+
+    long: list[SampleScores]
+    gold: list[SampleScores]
+    n_docs: int
+
+    def relevant(self) -> Float[Tensor, "n_layers n_heads"]:
+        """Mean relevant-document score on the long input: what ranks the contextual heads."""
+        return mean_scores(self.long, "relevant")
+
+    def heads(self, k: int) -> list[tuple[int, int]]:
+        return top_heads(self.relevant(), k)
+
+    def cases(self) -> dict[str, list[SampleScores]]:
+        """The paper's Table 1 cases: Long, Gold, and the long inputs answered correctly / wrongly."""
+        return {
+            "Long": self.long,
+            "Gold": self.gold,
+            "Correct": [r for r in self.long if r.em],
+            "Wrong": [r for r in self.long if not r.em],
+        }
+
+    def table(self, k: int = 5, *, level: float = 0.95) -> pd.DataFrame:
+        """Top-k heads' R, IR, IR-max, Sink per case, with bootstrap CIs (the paper's Table 1)."""
+        heads = self.heads(k)
+        parts = []
+        for case, results in self.cases().items():
+            if not results:
+                continue  # e.g. no correct answer in a tiny run: the case has no row
+            t = head_table(results, heads, level=level)
+            t.insert(0, "n", len(results))
+            t.insert(0, "case", case)
+            parts.append(t.reset_index())
+        return pd.concat(parts, ignore_index=True).set_index(["case", "head"])
+
+    def em(self, *, level: float = 0.95) -> pd.DataFrame:
+        """Greedy EM with CIs for the long and gold-only inputs."""
+        rows = {f"{self.n_docs} documents": em_summary(self.long, level=level), "gold only": em_summary(self.gold, level=level)}
+        return pd.DataFrame(rows).T
+
+
+def contextual_study(
+    model: TransformerBridge,
+    *,
+    size: str | int = "quick",
+    split: str = "train",
+    n_docs: int = 20,
+    gold_position: int | None = None,
+    store: str | Path | Store | None = None,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> ContextualStudy:
+    """Score the same questions with k documents (gold in the middle by default) and gold-only.
+
+    The default split is `train`: the heads found here are the ones later studies intervene on,
+    and they are evaluated on `test`.
+    """
+    from fdlib.data import NQBuilder
+
+    builder = NQBuilder(model.tokenizer)
+    kw = dict(split=split, size=size)
+    long = builder.samples(n_docs=n_docs, gold_position=gold_position, **kw)
+    gold = builder.samples(variant="gold", **kw)
+    db = Store(store) if isinstance(store, (str, Path)) else store
+    try:
+        long_scores = score_dataset(model, long, store=db, max_new_tokens=max_new_tokens, progress=progress)
+        gold_scores = score_dataset(model, gold, store=db, max_new_tokens=max_new_tokens, progress=progress)
+    finally:
+        if db is not None and db is not store:
+            db.close()
+    return ContextualStudy(long_scores, gold_scores, n_docs)

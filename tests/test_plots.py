@@ -1,0 +1,54 @@
+import shutil
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from fdlib import plots
+
+
+def test_head_heatmap_hover_and_axes():
+    z = torch.arange(12, dtype=torch.float32).reshape(4, 3) / 100
+    fig = plots.head_heatmap(z, score_name="relevant")
+    assert isinstance(fig, go.Figure)
+    hm = fig.data[0]
+    assert np.allclose(np.asarray(hm.z), z.numpy())
+    assert hm.customdata[2][1] == "L2H1"
+    assert "%{customdata}" in hm.hovertemplate and "%{z:.6f}" in hm.hovertemplate
+    assert fig.layout.xaxis.title.text == "head" and fig.layout.yaxis.title.text == "layer"
+    with pytest.raises(ValueError, match="n_layers, n_heads"):
+        plots.head_heatmap(torch.zeros(3))
+
+
+def test_sink_vs_relevant_points_and_highlight():
+    r, s = np.random.rand(5, 3), np.random.rand(5, 3)
+    fig = plots.sink_vs_relevant(r, s, highlight=[(4, 2), (0, 1)])
+    pts = fig.data[0]
+    assert len(pts.x) == 15 and pts.customdata[14] == "L4H2"
+    assert pts.x[14] == pytest.approx(s[4, 2]) and pts.y[14] == pytest.approx(r[4, 2])
+    assert list(fig.data[1].customdata) == ["L4H2", "L0H1"]
+    assert fig.data[1].y[0] == pytest.approx(r[4, 2])
+    with pytest.raises(ValueError):
+        plots.sink_vs_relevant(r, s[:2])
+
+
+def test_layer_histogram_counts():
+    fig = plots.layer_histogram([(1, 0), (1, 3), (4, 2)], n_layers=6)
+    assert list(fig.data[0].y) == [0, 2, 0, 0, 1, 0]
+    assert fig.data[0].customdata[1] == "L1H0, L1H3"
+    with pytest.raises(ValueError, match="L9H0"):
+        plots.layer_histogram([(9, 0)], n_layers=6)
+
+
+def test_save_figure_writes_html_and_png(tmp_path):
+    fig = plots.head_heatmap(torch.rand(3, 2))
+    png = shutil.which("chromium") is not None
+    paths = plots.save_figure(fig, "x", tmp_path, png=png)
+    html = (tmp_path / "x.html").read_text()
+    assert 'src="plotly.min.js"' in html and (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    assert len(html) < 100_000
+    if png:
+        assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(p.exists() for p in paths)
+    assert not list(tmp_path.glob(".x*"))  # no temporary file left behind
