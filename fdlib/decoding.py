@@ -47,6 +47,13 @@ class Prefix:
         return int(self.tokens.shape[0])
 
 
+def check_length(model: TransformerBridge, n_tokens: int) -> None:
+    """Refuse, before any forward pass, a sequence longer than the model's context window."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is not None and n_tokens > n_ctx:
+        raise ValueError(f"{n_tokens} tokens exceed the model's context window of {n_ctx} tokens")
+
+
 def _new_cache(model: TransformerBridge) -> Any:
     from transformers import DynamicCache
 
@@ -61,6 +68,7 @@ def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int]) -> Prefix:
     (nothing here is recorded or edited); otherwise it falls back to the bridge itself.
     """
     ids = _as_ids(tokens).to(model.cfg.device)
+    check_length(model, ids.shape[0])
     cache = _new_cache(model)
     if ids.shape[0] > 1:
         twin = fast_prefill_model(model)
@@ -191,6 +199,7 @@ def decode(
         raise ValueError(
             f"prefix cache holds {_cache_len(prefix.cache)} positions, expected {prefix.length - 1}"
         )
+    check_length(model, prefix.length + max_new_tokens)
     stop = _stop_ids(model)
     eos_like = {i for i in stop if "\n" not in model.tokenizer.decode([i])}
     recorder = None

@@ -90,7 +90,14 @@ def sink_vs_relevant(
                 name=f"top-{len(highlight)}",
             )
         )
-    fig.update_layout(title=title, xaxis_title="sink score", yaxis_title="relevant score", width=640, height=480)
+    fig.update_layout(
+        title=title,
+        xaxis_title="sink score",
+        yaxis_title="relevant score",
+        width=640,
+        height=480,
+        legend=dict(orientation="h", x=0, y=1.0, yanchor="bottom"),  # clear of the colour bar
+    )
     return fig
 
 

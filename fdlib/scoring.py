@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.data import QASample
-from fdlib.decoding import SpanRecorder, _as_ids, decode, hooks, prefill
+from fdlib.decoding import SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.models import model_name
 from fdlib.spans import Span, check_spans
@@ -53,6 +53,7 @@ def contextual_scores(
             f"response_start must be in [1, {T - 1}] for a sequence of length {T}, got {response_start!r}"
         )
     check_spans(spans, T)
+    check_length(model, T)
     prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
     recorder = SpanRecorder(spans, from_pos=response_start, n_layers=model.cfg.n_layers)
     with hooks(model, recorder.fwd_hooks()):

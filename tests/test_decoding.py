@@ -68,3 +68,14 @@ def test_hooks_removed_even_when_body_raises(tiny):
     assert calls == [1]
     tiny.model(torch.tensor([[5, 6, 7]]))
     assert calls == [1]
+
+
+def test_too_long_input_fails_before_any_forward(tiny):
+    n_ctx = tiny.model.cfg.n_ctx
+    with pytest.raises(ValueError, match=f"{n_ctx + 1} tokens exceed the model's context window of {n_ctx}"):
+        prefill(tiny.model, torch.randint(5, 64, (n_ctx + 1,)))
+    prefix = prefill(tiny.model, torch.randint(5, 64, (n_ctx - 2,)))
+    with pytest.raises(ValueError, match="context window"):
+        fdlib.decode(tiny.model, prefix, max_new_tokens=8)
+    with pytest.raises(ValueError, match="context window"):
+        fdlib.contextual_scores(tiny.model, torch.randint(5, 64, (n_ctx + 3,)), 4, {"a": fdlib.Span(0, 2)})
