@@ -148,16 +148,24 @@ class SpanRecorder:
 
 @contextlib.contextmanager
 def hooks(model: TransformerBridge, fwd_hooks: list[tuple[str, Any]]) -> Iterator[None]:
-    """Add forward hooks for the body; always removed, also when the body raises."""
-    handles = []
+    """Add forward hooks for the body; always removed, also when the body raises.
+
+    Only the hooks added here are removed (by handle), so these contexts nest: an inner one
+    leaves the outer one's hooks in place.
+    """
+    added = []
     try:
         for name, fn in fwd_hooks:
-            model.hook_dict[name].add_hook(fn)
-            handles.append(name)
+            if name not in model.hook_dict:
+                raise ValueError(f"no hook point named {name!r} in this model")
+            point = model.hook_dict[name]
+            added.append((point, point.add_hook(fn)))
         yield
     finally:
-        for name in handles:
-            model.hook_dict[name].remove_hooks()
+        for point, handle in reversed(added):
+            handle.hook.remove()
+            if handle in point.fwd_hooks:
+                point.fwd_hooks.remove(handle)
 
 
 @dataclass

@@ -79,3 +79,17 @@ def test_too_long_input_fails_before_any_forward(tiny):
         fdlib.decode(tiny.model, prefix, max_new_tokens=8)
     with pytest.raises(ValueError, match="context window"):
         fdlib.contextual_scores(tiny.model, torch.randint(5, 64, (n_ctx + 3,)), 4, {"a": fdlib.Span(0, 2)})
+
+
+def test_hooks_nest_and_remove_only_their_own(tiny):
+    seen = []
+    name = "blocks.1.attn.hook_pattern"
+    with fdlib.hooks(tiny.model, [(name, lambda t, hook: seen.append("outer"))]):
+        with fdlib.hooks(tiny.model, [(name, lambda t, hook: seen.append("inner"))]):
+            tiny.model(torch.tensor([[5, 6]]))
+        tiny.model(torch.tensor([[5, 6]]))
+    tiny.model(torch.tensor([[5, 6]]))
+    assert seen == ["outer", "inner", "outer"]
+    with pytest.raises(ValueError, match="no hook point named 'blocks.9.attn.hook_pattern'"):
+        with fdlib.hooks(tiny.model, [("blocks.9.attn.hook_pattern", lambda t, hook: None)]):
+            pass
