@@ -82,3 +82,20 @@ def smol():
     import fdlib
 
     return fdlib.load_model()
+
+
+def fake_samples(n: int, variant: str = "long"):
+    """QASamples of random token ids with three 'documents' (gold = the second), for the tiny
+    model: the engine only needs ids and spans."""
+    import fdlib
+    from fdlib.data import Document, QASample
+
+    out = []
+    for i in range(n):
+        g = torch.Generator().manual_seed(i)
+        ids = torch.randint(5, 64, (24,), generator=g)
+        docs = (Document("a", "x"), Document("b", "y"), Document("c", "z"))
+        spans = (fdlib.Span(1, 6), fdlib.Span(6, 12), fdlib.Span(12, 18))
+        gold = None if variant == "negative" else 1
+        out.append(QASample(f"s{i}/{variant}", variant, "q", ("w7",), docs, gold, "", ids, spans, fdlib.Span(18, 24), fdlib.Span(0, 1)))
+    return out

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import fake_samples
 
 import fdlib
 import fdlib.scoring as scoring
-from fdlib.data import Document, QASample
 from fdlib.store import Row, Store
 
 
@@ -21,17 +21,6 @@ def test_store_round_trip_and_replace(tmp_path):
     assert db.has("s1", "c") and not db.has("s1", "other")
     db.close()
     assert len(Store(tmp_path / "r.sqlite")) == 1  # persisted
-
-
-def fake_samples(n):
-    out = []
-    for i in range(n):
-        g = torch.Generator().manual_seed(i)
-        ids = torch.randint(5, 64, (24,), generator=g)
-        docs = (Document("a", "x"), Document("b", "y"), Document("c", "z"))
-        spans = (fdlib.Span(1, 6), fdlib.Span(6, 12), fdlib.Span(12, 18))
-        out.append(QASample(f"s{i}", "long", "q", ("w7",), docs, 1, "", ids, spans, fdlib.Span(18, 24), fdlib.Span(0, 1)))
-    return out
 
 
 def test_interrupted_scoring_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
@@ -57,7 +46,7 @@ def test_interrupted_scoring_resumes_without_duplicates(tiny, tmp_path, monkeypa
     done = []
     monkeypatch.setattr(scoring, "score_sample", lambda m, s, **kw: done.append(s.id) or real(m, s, **kw))
     resumed = scoring.score_dataset(tiny.model, samples, store=path, progress=False)
-    assert done == ["s3", "s4"]  # finished samples were not recomputed
+    assert done == ["s3/long", "s4/long"]  # finished samples were not recomputed
     assert len(Store(path)) == 5
     assert [r.sample_id for r in resumed] == [r.sample_id for r in clean]
     for a, b in zip(resumed, clean):

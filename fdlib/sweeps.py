@@ -1,0 +1,287 @@
+"""The sweep engine: per question, one prefill per input variant, then every configuration
+decodes its greedy answer from that shared cache; results go to the SQLite store, one
+transaction per question, resumable and shardable.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib.data import NQBuilder, QASample, Size
+from fdlib.decoding import Prefix, decode, prefill
+from fdlib.evaluate import best_subspan_em, bootstrap_ci
+from fdlib.interventions import Head, check_tau, split_softmax
+from fdlib.models import model_name
+from fdlib.store import Row, Store
+
+Input = Literal["long", "gold", "negative"]
+HeadSet = Literal["contextual", "random"]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One configuration: a baseline (no intervention) on an input variant, or split-softmax
+    with `tau` on the top-k contextual heads or on k random heads (seeded) of the long input."""
+
+    input: Input = "long"
+    tau: float | None = None
+    heads: HeadSet | None = None
+    k: int | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.input not in ("long", "gold", "negative"):
+            raise ValueError(f"unknown input {self.input!r}: expected 'long', 'gold' or 'negative'")
+        if self.tau is None:
+            if (self.heads, self.k, self.seed) != (None, None, None):
+                raise ValueError(f"a baseline takes no heads, k or seed: {self}")
+            return
+        check_tau(self.tau)
+        if self.input != "long":
+            raise ValueError(f"interventions run on the long input, got input={self.input!r}")
+        if self.heads not in ("contextual", "random"):
+            raise ValueError(f"heads must be 'contextual' or 'random', got {self.heads!r}")
+        if self.k is None or self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k!r}")
+        if (self.heads == "random") != (self.seed is not None):
+            raise ValueError(f"random heads need a seed and contextual heads take none: {self}")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.tau is None
+
+    @property
+    def key(self) -> str:
+        """Stable text key for the store."""
+        if self.is_baseline:
+            return f"baseline|{self.input}"
+        tail = f"|seed={self.seed}" if self.seed is not None else ""
+        return f"split|tau={self.tau:g}|{self.heads}|k={self.k}{tail}"
+
+
+def baselines() -> list[SweepConfig]:
+    return [SweepConfig(input=v) for v in ("long", "gold", "negative")]
+
+
+# The paper's grid; `quick` is a handful of configurations CI can run.
+GRIDS: dict[str, dict] = {
+    "quick": dict(taus=(0.1, 1000.0), ks=(5, 20), seeds=(0,)),
+    "full": dict(taus=(0.1, 0.3, 0.6, 1.5, 1000.0), ks=(1, 5, 10, 20, 30, 50, 100, 150, 200), seeds=(0, 1, 2)),
+}
+
+
+def split_grid(
+    size: Size = "quick",
+    *,
+    n_total_heads: int | None = None,
+    taus: Sequence[float] | None = None,
+    ks: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+) -> list[SweepConfig]:
+    """Baselines + tau x k x (contextual, random per seed). `n_total_heads` adds k = all heads
+    and drops larger k."""
+    g = GRIDS[size]
+    taus = g["taus"] if taus is None else taus
+    ks = list(g["ks"] if ks is None else ks)
+    seeds = g["seeds"] if seeds is None else seeds
+    if n_total_heads is not None:
+        ks = sorted({k for k in ks if k <= n_total_heads} | ({n_total_heads} if size == "full" else set()))
+    out = baselines()
+    for tau in taus:
+        for k in ks:
+            out.append(SweepConfig(tau=tau, heads="contextual", k=k))
+            out += [SweepConfig(tau=tau, heads="random", k=k, seed=s) for s in seeds]
+    return out
+
+
+def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:
+    """k distinct heads drawn uniformly, reproducibly (Python's Random is stable across versions)."""
+    every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    return random.Random(seed).sample(every, k)
+
+
+@dataclass(frozen=True)
+class QuestionInputs:
+    """The three variants of one question; `long` holds the gold span the intervention uses."""
+
+    long: QASample
+    gold: QASample
+    negative: QASample
+
+    @property
+    def id(self) -> str:
+        return self.long.id.split("/")[0]
+
+    def get(self, variant: Input) -> QASample:
+        return getattr(self, variant)
+
+
+def question_inputs(
+    model: TransformerBridge,
+    *,
+    split: str = "test",
+    size: Size | int = "quick",
+    n_docs: int = 20,
+    gold_position: int | None = None,
+) -> list[QuestionInputs]:
+    b = NQBuilder(model.tokenizer)
+    kw = dict(split=split, size=size)
+    long = b.samples(n_docs=n_docs, gold_position=gold_position, **kw)
+    gold = b.samples(variant="gold", **kw)
+    neg = b.samples(variant="negative", n_docs=n_docs, **kw)
+    return [QuestionInputs(*t) for t in zip(long, gold, neg, strict=True)]
+
+
+def _heads_for(config: SweepConfig, ranked: Sequence[Head], n_layers: int, n_heads: int) -> list[Head]:
+    if config.heads == "contextual":
+        if config.k > len(ranked):
+            raise ValueError(f"k={config.k} but only {len(ranked)} ranked contextual heads were given")
+        return list(ranked[: config.k])
+    return random_heads(n_layers, n_heads, config.k, config.seed)
+
+
+def run_config(
+    model: TransformerBridge,
+    sample: QASample,
+    prefix: Prefix,
+    config: SweepConfig,
+    heads: Sequence[Head],
+    *,
+    max_new_tokens: int,
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Decode one configuration from a shared prefix; returns the record (answer, EM, the
+    configuration's fields) and the gold and sink scores of every head."""
+    spans = {"sink": sample.sink_span}
+    if sample.gold_span is not None:
+        spans["gold"] = sample.gold_span
+    if config.is_baseline:
+        answer = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    else:
+        with split_softmax(model, heads, sample.gold_span, config.tau, from_pos=sample.n_tokens - 1):
+            answer = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    record = {
+        "config": config.key,
+        "model": model_name(model),
+        "answer": answer.text,
+        "em": best_subspan_em(answer.text, sample.answers),
+        "n_answer_tokens": len(answer.tokens),
+        **asdict(config),
+    }
+    arrays = {f"{name}_score": s.numpy() for name, s in answer.scores.items()}
+    return record, arrays
+
+
+def run_sweep(
+    model: TransformerBridge,
+    questions: Sequence[QuestionInputs],
+    configs: Sequence[SweepConfig],
+    *,
+    ranked_heads: Sequence[Head],
+    store: str | Path | Store,
+    shard: tuple[int, int] = (0, 1),
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> None:
+    """Run every configuration on every question of this shard, skipping stored results.
+
+    Per question: one prefill per input variant that a pending configuration needs, every
+    configuration decoded from a shared cache, all rows of the question written in one
+    transaction. `shard=(i, n)` takes questions i, i+n, i+2n, ... (one job of a cluster array).
+    """
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    keys = [c.key for c in configs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate configurations in the sweep")
+    mine = list(questions)[i::n]
+    db = Store(store) if isinstance(store, (str, Path)) else store
+    config_tag = f"{model_name(model)}|greedy{max_new_tokens}"
+    try:
+        done = {(r.sample_id, r.config) for r in db.rows()}
+        todo = [(q, [c for c in configs if (q.id, f"{config_tag}|{c.key}") not in done]) for q in mine]
+        total = sum(len(c) for _, c in todo)
+        bar = tqdm(total=total, desc=f"sweep shard {i}/{n}", unit="config", disable=not progress)
+        L, H = model.cfg.n_layers, model.cfg.n_heads
+        for q, pending in todo:
+            if not pending:
+                continue
+            rows = []
+            for variant in ("long", "gold", "negative"):
+                these = [c for c in pending if c.input == variant]
+                if not these:
+                    continue
+                sample = q.get(variant)
+                prefix = prefill(model, sample.input_ids)  # shared by every configuration below
+                for c in these:
+                    heads = [] if c.is_baseline else _heads_for(c, ranked_heads, L, H)
+                    record, arrays = run_config(model, sample, prefix, c, heads, max_new_tokens=max_new_tokens)
+                    rows.append(Row(q.id, f"{config_tag}|{c.key}", record, arrays))
+                    bar.update(1)
+            db.put(rows)  # one transaction per question: a crash loses at most this question
+        bar.close()
+    finally:
+        if db is not store:
+            db.close()
+
+
+def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
+    """Merge shard stores into one; a (sample, configuration) present twice is kept once."""
+    out = Store(target)
+    try:
+        for src in sources:
+            with Store(src) as s:
+                out.put([r for r in s.rows() if not out.has(r.sample_id, r.config)])
+        return len(out)
+    finally:
+        out.close()
+
+
+def sweep_frame(store: str | Path | Store) -> pd.DataFrame:
+    """One row per (question, configuration) with the configuration's fields, answer and EM."""
+    db = Store(store) if isinstance(store, (str, Path)) else store
+    try:
+        rows = [{"question": r.sample_id, **r.record} for r in db.rows()]
+    finally:
+        if db is not store:
+            db.close()
+    return pd.DataFrame(rows)
+
+
+def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
+    """EM with bootstrap CIs per configuration; random-head seeds are pooled per (tau, k)."""
+    f = frame.copy()
+    f["heads"] = f["heads"].fillna("none")
+    f["tau"] = f["tau"].astype(float)
+    f["k"] = f["k"].astype(float)
+    rows = []
+    for (inp, heads, tau, k), g in f.groupby(["input", "heads", "tau", "k"], dropna=False):
+        # pool seeds: a question's EM is its mean over seeds, so each question counts once
+        per_q = g.groupby("question")["em"].mean().to_numpy(dtype=float)
+        mean, lo, hi = bootstrap_ci(per_q, level=level)
+        rows.append({"input": inp, "heads": heads, "tau": tau, "k": k, "em": mean, "lo": lo, "hi": hi, "n": len(per_q)})
+    return pd.DataFrame(rows).sort_values(["heads", "tau", "k"], na_position="first").reset_index(drop=True)
+
+
+def mcnemar(frame: pd.DataFrame, config_a: str, config_b: str) -> dict[str, float]:
+    """Exact McNemar test (binomial on discordant questions) of two configurations' EM."""
+    from scipy.stats import binomtest
+
+    a = frame[frame.config == config_a].set_index("question")["em"]
+    b = frame[frame.config == config_b].set_index("question")["em"]
+    both = a.to_frame("a").join(b.to_frame("b"), how="inner")
+    if both.empty:
+        raise ValueError(f"no question has both {config_a!r} and {config_b!r}")
+    only_a = int((both.a & ~both.b).sum())
+    only_b = int((~both.a & both.b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"n": len(both), "only_a": only_a, "only_b": only_b, "p_value": float(p),
+            "em_a": float(both.a.mean()), "em_b": float(both.b.mean())}

@@ -1,0 +1,105 @@
+"""The sweep engine on the tiny model: resume after an interruption, shards, configurations."""
+
+import pandas as pd
+import pytest
+from conftest import fake_samples
+
+import fdlib.sweeps as sweeps
+from fdlib.store import Store
+from fdlib.sweeps import QuestionInputs, SweepConfig, merge_stores, run_sweep, split_grid, sweep_frame
+
+RANKED = [(1, 2), (0, 3), (1, 0), (0, 1), (1, 1)]
+
+
+def questions(n=4):
+    return [QuestionInputs(l, g, q) for l, g, q in zip(fake_samples(n), fake_samples(n, "gold"), fake_samples(n, "negative"))]
+
+
+def configs():
+    return split_grid("quick", taus=(0.1, 5.0), ks=(1, 3), seeds=(0,))
+
+
+def table(path):
+    f = sweep_frame(path)
+    return f.sort_values(["question", "config"]).reset_index(drop=True)[["question", "config", "answer", "em"]]
+
+
+def test_grid_shapes_and_keys():
+    g = configs()
+    assert len(g) == 3 + 2 * 2 * 2 and len({c.key for c in g}) == len(g)
+    assert SweepConfig(tau=0.3, heads="random", k=5, seed=1).key == "split|tau=0.3|random|k=5|seed=1"
+    full = split_grid("full", n_total_heads=270)
+    assert max(c.k for c in full if c.k) == 270 and {c.tau for c in full if c.tau} == {0.1, 0.3, 0.6, 1.5, 1000.0}
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(tau=-1.0, heads="contextual", k=1), "tau"),
+        (dict(tau=0.5, heads="contextual", k=0), "k must be"),
+        (dict(tau=0.5, heads="random", k=2), "seed"),
+        (dict(tau=0.5, heads="best", k=2), "heads must be"),
+        (dict(input="gold", tau=0.5, heads="contextual", k=2), "long input"),
+        (dict(input="short"), "unknown input"),
+        (dict(k=3), "baseline takes no"),
+    ],
+)
+def test_bad_configs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(**kw)
+
+
+def test_random_heads_reproducible_and_distinct():
+    a = sweeps.random_heads(30, 9, 20, seed=3)
+    assert a == sweeps.random_heads(30, 9, 20, seed=3) and len(set(a)) == 20
+    assert a != sweeps.random_heads(30, 9, 20, seed=4)
+
+
+def test_interrupted_sweep_resumes_to_the_same_table(tiny, tmp_path, monkeypatch):
+    qs, cfgs = questions(), configs()
+    run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "clean.sqlite", progress=False)
+    clean = table(tmp_path / "clean.sqlite")
+    assert len(clean) == len(qs) * len(cfgs)
+
+    real, calls = sweeps.run_config, {"n": 0}
+
+    def dying(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2 * len(cfgs) + 3:  # Ctrl-C in the middle of the third question
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sweeps, "run_config", dying)
+    path = tmp_path / "resumed.sqlite"
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
+    assert len(Store(path)) == 2 * len(cfgs)  # two whole questions, nothing of the third
+    monkeypatch.setattr(sweeps, "run_config", real)
+    run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
+    pd.testing.assert_frame_equal(table(path), clean)
+
+
+def test_shards_merge_without_duplicates(tiny, tmp_path):
+    qs, cfgs = questions(5), configs()[:5]
+    run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "all.sqlite", progress=False)
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"shard{i}.sqlite")
+        run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=parts[-1], shard=(i, 3), progress=False)
+    assert [len(Store(p)) for p in parts] == [2 * 5, 2 * 5, 1 * 5]
+    n = merge_stores(parts + [parts[0]], tmp_path / "merged.sqlite")  # a shard merged twice
+    assert n == 25
+    pd.testing.assert_frame_equal(table(tmp_path / "merged.sqlite"), table(tmp_path / "all.sqlite"))
+    with pytest.raises(ValueError, match="shard"):
+        run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "x.sqlite", shard=(3, 3))
+
+
+def test_intervention_changes_scores_in_the_expected_direction(tiny, tmp_path):
+    qs = questions(2)
+    cfgs = [SweepConfig(), SweepConfig(tau=0.05, heads="contextual", k=5), SweepConfig(tau=50.0, heads="contextual", k=5)]
+    run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "s.sqlite", progress=False)
+    rows = {(r.sample_id, r.record["config"]): r for r in Store(tmp_path / "s.sqlite").rows()}
+    for q in qs:
+        base, up, down = (rows[(q.id, c.key)].arrays["gold_score"] for c in cfgs)
+        for l, h in RANKED:  # tau < 1 raises the gold share of the chosen heads, tau > 1 lowers it
+            assert up[l, h] > base[l, h] > down[l, h]
