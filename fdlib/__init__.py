@@ -2,6 +2,7 @@
 
 from fdlib.data import NQBuilder, QASample, qa_samples
 from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
+from fdlib.interventions import split_softmax
 from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
 from fdlib.models import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from fdlib.scoring import (
@@ -24,5 +25,5 @@ __all__ = [
     "Answer", "DEFAULT_MODEL", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
     "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
     "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
-    "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "top_heads",
+    "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "split_softmax", "top_heads",
 ]

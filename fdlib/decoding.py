@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from fdlib.models import fast_prefill_model, stop_token_ids
 from fdlib.spans import Span, check_spans
@@ -54,24 +56,61 @@ def check_length(model: TransformerBridge, n_tokens: int) -> None:
         raise ValueError(f"{n_tokens} tokens exceed the model's context window of {n_ctx} tokens")
 
 
+class GrowableLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into a buffer with spare room.
+
+    transformers' DynamicLayer concatenates the whole cache on every decode step; here a step
+    writes its position in place. `crop` (the inherited slice) stays a view of the buffer, so
+    returning a shared prefix to its length and decoding the next configuration copies nothing.
+    """
+
+    reserve = 64  # spare positions allocated beyond the current need
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k: Tensor | None = None
+            self._v: Tensor | None = None
+        cur = self.get_seq_length()
+        need = cur + key_states.shape[-2]
+        buf = self._k
+        # Re-buffer when full, or when keys were replaced by something that is not our view.
+        if buf is None or need > buf.shape[-2] or (cur and self.keys.data_ptr() != buf.data_ptr()):
+            k_shape = list(key_states.shape)
+            k_shape[-2] = need + self.reserve
+            v_shape = k_shape[:-1] + [value_states.shape[-1]]
+            new_k, new_v = key_states.new_empty(k_shape), value_states.new_empty(v_shape)
+            if cur:
+                new_k[..., :cur, :] = self.keys
+                new_v[..., :cur, :] = self.values
+            self._k, self._v = new_k, new_v
+        self._k[..., cur:need, :] = key_states
+        self._v[..., cur:need, :] = value_states
+        self.keys, self.values = self._k[..., :need, :], self._v[..., :need, :]
+        return self.keys, self.values
+
+
 def _new_cache(model: TransformerBridge) -> Any:
-    from transformers import DynamicCache
+    cache = DynamicCache(config=model.original_model.config)
+    # Only plain full-attention layers are swapped; sliding-window or other layer kinds keep
+    # transformers' own implementation.
+    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
-    return DynamicCache(config=model.original_model.config)
 
+@torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
+def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: bool = True) -> Prefix:
+    """Compute the KV cache of all prompt tokens but the last.
 
-@torch.inference_mode()
-def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int]) -> Prefix:
-    """Compute the KV cache of all prompt tokens but the last, on the fastest path available.
-
-    With the sdpa twin from `load_model` this runs without eager attention and without hooks
-    (nothing here is recorded or edited); otherwise it falls back to the bridge itself.
+    `fast=True` uses the sdpa twin from `load_model`: no eager attention and no hooks, right
+    whenever nothing edits the prompt rows. `fast=False` (or a bridge without a twin) runs the
+    bridge itself, so hooks that edit prompt rows (e.g. `from_pos=0`) see them.
     """
     ids = _as_ids(tokens).to(model.cfg.device)
     check_length(model, ids.shape[0])
     cache = _new_cache(model)
     if ids.shape[0] > 1:
-        twin = fast_prefill_model(model)
+        twin = fast_prefill_model(model) if fast else None
         if twin is not None:
             twin(ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
@@ -186,7 +225,7 @@ def _stop_ids(model: TransformerBridge) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
 def decode(
     model: TransformerBridge,
     prefix: Prefix,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
@@ -161,3 +162,63 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
         _atomic_write(target, lambda p: fig.write_image(p, format="png", scale=2))
         written.append(target)
     return written
+
+
+_TAU_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17becf"]
+
+
+def em_vs_k(table: pd.DataFrame, *, title: str = "EM vs number of heads, split-softmax") -> go.Figure:
+    """The paper's Figure 3 from `sweeps.em_table`: one line per tau (solid: contextual heads,
+    dashed: random heads), CIs as error bars, baselines (no intervention) as horizontal lines."""
+    needed = {"input", "heads", "tau", "k", "em", "lo", "hi", "n"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.sweeps.em_table")
+    fig = go.Figure()
+    lines = table[table.heads != "none"]
+    for i, tau in enumerate(sorted(lines.tau.unique())):
+        color = _TAU_COLORS[i % len(_TAU_COLORS)]
+        for heads, dash in (("contextual", "solid"), ("random", "dash")):
+            d = lines[(lines.tau == tau) & (lines.heads == heads)].sort_values("k")
+            if d.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=d.k, y=d.em, mode="lines+markers",
+                    line=dict(color=color, dash=dash),
+                    error_y=dict(type="data", symmetric=False, array=d.hi - d.em, arrayminus=d.em - d.lo),
+                    name=f"tau={tau:g}, {heads}",
+                    customdata=np.stack([d.lo, d.hi, d.n], axis=-1),
+                    hovertemplate=f"tau={tau:g}, {heads} heads<br>k=%{{x}}<br>EM=%{{y:.3f}} "
+                    "[%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>n=%{customdata[2]}<extra></extra>",
+                )
+            )
+    for _, b in table[table.heads == "none"].iterrows():
+        fig.add_hline(y=b.em, line=dict(color="gray", dash="dot"),
+                      annotation_text=f"{b.input} input, no intervention: {b.em:.2f} [{b.lo:.2f}, {b.hi:.2f}]",
+                      annotation_position="top left")
+    fig.update_layout(title=title, xaxis_title="number of heads k", yaxis_title="exact match",
+                      xaxis_type="log", width=820, height=520)
+    return fig
+
+
+def doc_attention(
+    before: Sequence[float] | np.ndarray,
+    after: Sequence[float] | np.ndarray,
+    gold_index: int | None,
+    *,
+    head: str,
+    after_label: str = "after",
+    title: str | None = None,
+) -> go.Figure:
+    """A head's attention mass per document, before and after an intervention; gold marked."""
+    b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if b.shape != a.shape or b.ndim != 1:
+        raise ValueError(f"before and after must be equal-length 1-D, got {b.shape} and {a.shape}")
+    docs = [f"doc {i + 1}" + (" (gold)" if i == gold_index else "") for i in range(len(b))]
+    fig = go.Figure()
+    for vals, name, color in ((b, "before", "#7f7f7f"), (a, after_label, "#d62728")):
+        fig.add_trace(go.Bar(x=docs, y=vals, name=name, marker_color=color, customdata=docs,
+                             hovertemplate="%{customdata}<br>" + name + ": %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title or f"{head}: attention mass per document", barmode="group",
+                      xaxis_title="document", yaxis_title="attention from the answer rows", width=820, height=420)
+    return fig

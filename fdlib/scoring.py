@@ -34,7 +34,7 @@ def head_label(layer: int, head: int) -> str:
     return f"L{layer}H{head}"
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
 def contextual_scores(
     model: TransformerBridge,
     tokens: Tensor | Sequence[int],

@@ -285,3 +285,33 @@ def mcnemar(frame: pd.DataFrame, config_a: str, config_b: str) -> dict[str, floa
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return {"n": len(both), "only_a": only_a, "only_b": only_b, "p_value": float(p),
             "em_a": float(both.a.mean()), "em_b": float(both.b.mean())}
+
+
+def attention_per_document(
+    model: TransformerBridge,
+    sample: QASample,
+    head: Head,
+    *,
+    tau: float,
+    heads: Sequence[Head] | None = None,
+    max_new_tokens: int = 32,
+) -> dict[str, object]:
+    """One head's attention mass on each document, from the answer rows, without and with
+    split-softmax (on `heads`, default: that head alone) — both decoded from one prefill."""
+    if sample.gold_span is None:
+        raise ValueError(f"sample {sample.id} has no gold document to re-weight")
+    spans = {f"doc{i}": s for i, s in enumerate(sample.doc_spans)}
+    prefix = prefill(model, sample.input_ids)
+    before = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    with split_softmax(model, heads or [head], sample.gold_span, tau, from_pos=sample.n_tokens - 1):
+        after = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    layer, h = head
+
+    def per_doc(answer):
+        return [float(answer.scores[f"doc{i}"][layer, h]) for i in range(len(sample.doc_spans))] if answer.scores else []
+
+    return {
+        "before": per_doc(before), "after": per_doc(after),
+        "answer_before": before.text, "answer_after": after.text,
+        "em_before": best_subspan_em(before.text, sample.answers), "em_after": best_subspan_em(after.text, sample.answers),
+    }

@@ -93,3 +93,31 @@ def test_hooks_nest_and_remove_only_their_own(tiny):
     with pytest.raises(ValueError, match="no hook point named 'blocks.9.attn.hook_pattern'"):
         with fdlib.hooks(tiny.model, [("blocks.9.attn.hook_pattern", lambda t, hook: None)]):
             pass
+
+
+def test_bridge_prefill_equals_fast_prefill(tiny):
+    ids = torch.randint(5, 64, (30,))
+    fast, slow = prefill(tiny.model, ids), prefill(tiny.model, ids, fast=False)
+    for a, b in zip(fast.cache.layers, slow.cache.layers):
+        torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)
+    assert fdlib.decode(tiny.model, fast).tokens == fdlib.decode(tiny.model, slow).tokens
+
+
+def test_growable_cache_layer_matches_concatenation():
+    from fdlib.decoding import GrowableLayer
+
+    torch.manual_seed(7)
+    layer, ref_k, ref_v = GrowableLayer(), [], []
+    for n in (50, 1, 1, 30, 1):  # the buffer is re-grown past its reserve of 64 spare positions
+        k, v = torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)
+        ref_k.append(k)
+        ref_v.append(v)
+        out_k, out_v = layer.update(k, v)
+        torch.testing.assert_close(out_k, torch.cat(ref_k, dim=-2), rtol=0, atol=0)
+        torch.testing.assert_close(out_v, torch.cat(ref_v, dim=-2), rtol=0, atol=0)
+    layer.crop(-32)  # back to the first 51 positions, then a different continuation
+    k, v = torch.randn(1, 2, 1, 4), torch.randn(1, 2, 1, 4)
+    out_k, _ = layer.update(k, v)
+    torch.testing.assert_close(out_k, torch.cat([torch.cat(ref_k, dim=-2)[..., :51, :], k], dim=-2), rtol=0, atol=0)
+    assert layer.get_seq_length() == 52

@@ -52,3 +52,35 @@ def test_save_figure_writes_html_and_png(tmp_path):
         assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(p.exists() for p in paths)
     assert not list(tmp_path.glob(".x*"))  # no temporary file left behind
+
+
+def em_table_fixture():
+    import pandas as pd
+
+    rows = [dict(input="long", heads="none", tau=np.nan, k=np.nan, em=0.2, lo=0.1, hi=0.3, n=10),
+            dict(input="gold", heads="none", tau=np.nan, k=np.nan, em=0.5, lo=0.4, hi=0.6, n=10)]
+    for heads in ("contextual", "random"):
+        for tau in (0.1, 1000.0):
+            for k in (1, 5, 20):
+                rows.append(dict(input="long", heads=heads, tau=tau, k=k, em=k / 100 + tau / 1e4, lo=0.0, hi=0.9, n=10))
+    return pd.DataFrame(rows)
+
+
+def test_em_vs_k_lines_baselines_and_hover():
+    fig = plots.em_vs_k(em_table_fixture())
+    names = [t.name for t in fig.data]
+    assert names == ["tau=0.1, contextual", "tau=0.1, random", "tau=1000, contextual", "tau=1000, random"]
+    assert list(fig.data[0].x) == [1, 5, 20] and fig.data[0].y[2] == pytest.approx(0.20001)
+    assert fig.data[1].line.dash == "dash"
+    assert len(fig.layout.shapes) == 2 and {s.y0 for s in fig.layout.shapes} == {0.2, 0.5}
+    assert fig.layout.xaxis.title.text == "number of heads k" and "%{customdata[0]" in fig.data[0].hovertemplate
+    with pytest.raises(ValueError, match="lacks columns"):
+        plots.em_vs_k(em_table_fixture().drop(columns=["lo"]))
+
+
+def test_doc_attention_marks_gold():
+    fig = plots.doc_attention([0.1, 0.2, 0.3], [0.05, 0.6, 0.1], 1, head="L3H2")
+    assert list(fig.data[0].x) == ["doc 1", "doc 2 (gold)", "doc 3"]
+    assert list(fig.data[1].y) == [0.05, 0.6, 0.1] and "L3H2" in fig.layout.title.text
+    with pytest.raises(ValueError):
+        plots.doc_attention([0.1], [0.1, 0.2], 0, head="x")
