@@ -18,7 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from fdlib.models import fast_prefill_model, stop_token_ids
+from fdlib.models import StopTokens, fast_prefill_model, stop_tokens
 from fdlib.spans import Span, check_spans
 
 
@@ -216,13 +216,13 @@ class Answer:
     scores: dict[str, Float[Tensor, "n_layers n_heads"]] = field(default_factory=dict)
 
 
-def _stop_ids(model: TransformerBridge) -> set[int]:
+def _stop_tokens(model: TransformerBridge) -> StopTokens:
     # Cached on the model object (not module state): the vocabulary scan is done once per model.
-    ids = model.__dict__.get("_fdlib_stop_ids")
-    if ids is None:
-        ids = stop_token_ids(model.tokenizer)
-        model.__dict__["_fdlib_stop_ids"] = ids
-    return ids
+    stop = model.__dict__.get("_fdlib_stop_tokens")
+    if stop is None:
+        stop = stop_tokens(model.tokenizer)
+        model.__dict__["_fdlib_stop_tokens"] = stop
+    return stop
 
 
 @torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
@@ -247,8 +247,7 @@ def decode(
             f"prefix cache holds {_cache_len(prefix.cache)} positions, expected {prefix.length - 1}"
         )
     check_length(model, prefix.length + max_new_tokens)
-    stop = _stop_ids(model)
-    eos_like = {i for i in stop if "\n" not in model.tokenizer.decode([i])}
+    stop = _stop_tokens(model)
     recorder = None
     hook_list = list(extra_hooks)
     if spans:
@@ -266,8 +265,7 @@ def decode(
                 if len(answer) == max_new_tokens:
                     break  # the last answer token's row is recorded; its prediction is unused
                 token = int(logits[0, -1].argmax())
-                has_text = model.tokenizer.decode(answer).strip() != ""
-                if token in eos_like or (token in stop and has_text):
+                if token in stop.eos or (token in stop.newline and model.tokenizer.decode(answer).strip()):
                     break
                 answer.append(token)
                 next_input = torch.tensor([token], device=prefix.tokens.device)

@@ -199,21 +199,28 @@ def model_name(model: TransformerBridge) -> str:
     return model.__dict__.get("_fdlib_name") or str(getattr(model.cfg, "model_name", "unknown"))
 
 
-def stop_token_ids(tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: EOS / end-of-turn tokens and any token holding a newline.
+@dataclass(frozen=True)
+class StopTokens:
+    """Token ids that end an answer: `eos` (end of text / end of turn) always; `newline` (any
+    token holding a newline) once the answer has some text.
 
-    The study's prompt asks for a short answer; stopping at the first line keeps decoding short
-    (the first newline after the answer) and matches how the study reads the prediction.
+    The study's prompt asks for a short answer; stopping at the end of its first line keeps
+    decoding short and matches how the study reads the prediction.
     """
-    ids: set[int] = set()
+
+    eos: frozenset[int]
+    newline: frozenset[int]
+
+
+def stop_tokens(tokenizer: Any) -> StopTokens:
+    eos: set[int] = set()
     for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
         if tok is not None:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                ids.add(tid)
+                eos.add(tid)
     if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for tid in range(len(tokenizer)):
-        if "\n" in tokenizer.decode([tid]):
-            ids.add(tid)
-    return ids
+        eos.add(int(tokenizer.eos_token_id))
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    newline = {i for i, text in enumerate(texts) if "\n" in text} - eos
+    return StopTokens(frozenset(eos), frozenset(newline))

@@ -98,7 +98,8 @@ def split_grid(
     for tau in taus:
         for k in ks:
             out.append(SweepConfig(tau=tau, heads="contextual", k=k))
-            out += [SweepConfig(tau=tau, heads="random", k=k, seed=s) for s in seeds]
+            if k != n_total_heads:  # k = every head: the random set is the contextual set
+                out += [SweepConfig(tau=tau, heads="random", k=k, seed=s) for s in seeds]
     return out
 
 
@@ -315,3 +316,39 @@ def attention_per_document(
         "answer_before": before.text, "answer_after": after.text,
         "em_before": best_subspan_em(before.text, sample.answers), "em_after": best_subspan_em(after.text, sample.answers),
     }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: one sweep (or one shard of it) into a store; see the README's SLURM example."""
+    import argparse
+
+    from fdlib.models import DEFAULT_MODEL, load_model
+    from fdlib.scoring import contextual_study
+
+    ap = argparse.ArgumentParser(prog="python -m fdlib.sweeps", description="split-softmax sweep")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--size", choices=["quick", "full"], default="quick", help="grid and question count")
+    ap.add_argument("--questions", type=int, help="number of test questions (overrides --size)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N test questions")
+    ap.add_argument("--taus", type=float, nargs="+")
+    ap.add_argument("--ks", type=int, nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads")
+    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--store", default="runs/sweep.sqlite")
+    ap.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
+    args = ap.parse_args(argv)
+    model = load_model(args.model)
+    heads_size = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
+    study = contextual_study(model, size=heads_size, split="train", store=args.heads_store)
+    n_total = model.cfg.n_layers * model.cfg.n_heads
+    count = args.questions if args.questions is not None else args.size
+    if isinstance(count, int):
+        count += args.skip
+    questions = question_inputs(model, split="test", size=count)[args.skip :]
+    configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
+    run_sweep(model, questions, configs, ranked_heads=study.heads(n_total), store=args.store, shard=tuple(args.shard))
+
+
+if __name__ == "__main__":
+    main()

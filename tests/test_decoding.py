@@ -37,10 +37,11 @@ def test_decode_matches_uncached_greedy_and_restores_cache(tiny):
     prompt = torch.randint(5, 64, (20,))
     prefix = prefill(tiny.model, prompt)
     ref = greedy_reference(tiny.hf, prompt, 8)
-    stop = tiny.model.__dict__.get("_fdlib_stop_ids") or fdlib.models.stop_token_ids(tiny.tokenizer)
+    stop = fdlib.models.stop_tokens(tiny.tokenizer)
+    assert stop.eos == {2} and stop.newline == {4}  # "</s>" and "\n" in the tiny vocabulary
     expected = []
-    for t in ref:  # the reference cut where decode stops (EOS or newline token)
-        if t in stop:
+    for t in ref:  # the reference cut where decode stops (EOS, or a newline after some text)
+        if t in stop.eos or (t in stop.newline and expected):
             break
         expected.append(t)
     a = fdlib.decode(tiny.model, prefix, max_new_tokens=8)
