@@ -192,12 +192,17 @@ def em_vs_k(table: pd.DataFrame, *, title: str = "EM vs number of heads, split-s
                     "[%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>n=%{customdata[2]}<extra></extra>",
                 )
             )
+    # Baselines as legend entries (not annotations): equal baselines would print on top of each other.
+    ks = lines.k.dropna()
+    x_span = [ks.min(), ks.max()] if len(ks) else [1, 1]
+    base_style = {"long": ("black", "dot"), "gold": ("#2ca02c", "dashdot"), "negative": ("#7f7f7f", "longdash")}
     for _, b in table[table.heads == "none"].iterrows():
-        fig.add_hline(y=b.em, line=dict(color="gray", dash="dot"),
-                      annotation_text=f"{b.input} input, no intervention: {b.em:.2f} [{b.lo:.2f}, {b.hi:.2f}]",
-                      annotation_position="top left")
+        color, dash = base_style.get(b.input, ("gray", "dot"))
+        label = f"{b.input} input, no intervention: {b.em:.2f} [{b.lo:.2f}, {b.hi:.2f}]"
+        fig.add_trace(go.Scatter(x=x_span, y=[b.em, b.em], mode="lines", line=dict(color=color, dash=dash, width=1.5),
+                                 name=label, hovertemplate=label + "<extra></extra>"))
     fig.update_layout(title=title, xaxis_title="number of heads k", yaxis_title="exact match",
-                      xaxis_type="log", width=820, height=520)
+                      xaxis_type="log", width=980, height=520)
     return fig
 
 

@@ -69,10 +69,11 @@ def em_table_fixture():
 def test_em_vs_k_lines_baselines_and_hover():
     fig = plots.em_vs_k(em_table_fixture())
     names = [t.name for t in fig.data]
-    assert names == ["tau=0.1, contextual", "tau=0.1, random", "tau=1000, contextual", "tau=1000, random"]
+    assert names[:4] == ["tau=0.1, contextual", "tau=0.1, random", "tau=1000, contextual", "tau=1000, random"]
+    assert names[4:] == ["long input, no intervention: 0.20 [0.10, 0.30]", "gold input, no intervention: 0.50 [0.40, 0.60]"]
     assert list(fig.data[0].x) == [1, 5, 20] and fig.data[0].y[2] == pytest.approx(0.20001)
     assert fig.data[1].line.dash == "dash"
-    assert len(fig.layout.shapes) == 2 and {s.y0 for s in fig.layout.shapes} == {0.2, 0.5}
+    assert list(fig.data[5].y) == [0.5, 0.5] and list(fig.data[5].x) == [1, 20]
     assert fig.layout.xaxis.title.text == "number of heads k" and "%{customdata[0]" in fig.data[0].hovertemplate
     with pytest.raises(ValueError, match="lacks columns"):
         plots.em_vs_k(em_table_fixture().drop(columns=["lo"]))
