@@ -1,0 +1,141 @@
+"""Focus directions on a tiny GQA Llama: logits against plain transformers eager attention with
+alpha * d added to the chosen heads' queries and keys by separate reference code; the d_K
+no-op after RoPE; the file format."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+import fdlib
+from fdlib.decoding import prefill
+from fdlib.directions import FocusDirections, focus_directions
+
+HEADS = [(0, 1), (1, 3), (1, 2)]
+
+
+def reference_rotation(n_pos, d, theta):
+    inv = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv[None]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def rotate_vec(v, cos, sin):  # [d] -> [n_pos, d], independent of fdlib's helper
+    h = v.shape[0] // 2
+    return v.double()[None] * cos + torch.cat([-v[h:], v[:h]]).double()[None] * sin
+
+
+def use_reference(hf, dirs, heads, alpha, from_pos):
+    theta = getattr(hf.config, "rope_theta", None) or hf.config.rope_parameters["rope_theta"]
+
+    def attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kw):
+        n_q, n_k, d = query.shape[-2], key.shape[-2], query.shape[-1]
+        g = module.num_key_value_groups
+        q = query.double().clone()
+        k = key.double().repeat_interleave(g, dim=1)  # per query head from here on
+        v = value.repeat_interleave(g, dim=1)
+        cos, sin = reference_rotation(n_k, d, theta)
+        for l, h in heads:
+            if l != module.layer_idx:
+                continue
+            dq, dk = alpha * dirs.d_q[l, h].double(), alpha * dirs.d_k[l, h].double()
+            rows = torch.arange(n_k - n_q, n_k)
+            keep = rows >= from_pos
+            if dirs.placement == "post_rope":
+                q[0, h, keep] += dq
+                k[0, h] += dk
+            else:
+                q[0, h, keep] += rotate_vec(dq, cos, sin)[rows[keep]]
+                k[0, h] += rotate_vec(dk, cos, sin)
+        causal = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
+        scores = (q @ k.transpose(-1, -2)) * scaling
+        scores = scores.masked_fill(~causal, float("-inf"))
+        w = torch.softmax(scores, dim=-1).to(query.dtype)
+        return (w @ v).transpose(1, 2).contiguous(), w
+
+    AttentionInterface.register("fdlib_reference_directions", attention)
+    hf.set_attn_implementation("fdlib_reference_directions")
+
+
+def random_dirs(tiny, placement, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = tiny.model.cfg
+    shape = (cfg.n_layers, cfg.n_heads, cfg.d_head)
+    return FocusDirections(torch.randn(shape, generator=g) * scale, torch.randn(shape, generator=g) * scale,
+                           fdlib.models.model_name(tiny.model), placement=placement)
+
+
+@pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
+@pytest.mark.parametrize("from_pos", [0, 17])
+def test_logits_match_reference(tiny, placement, from_pos):
+    torch.manual_seed(8)
+    ids = torch.randint(5, 64, (24,))
+    dirs = random_dirs(tiny, placement)
+    use_reference(tiny.hf, dirs, HEADS, 0.7, from_pos)
+    try:
+        with torch.no_grad():
+            ref = tiny.hf(ids[None]).logits[0]
+            plain = tiny.model(ids[None], return_type="logits")[0]
+            with focus_directions(tiny.model, dirs, HEADS, 0.7, from_pos=from_pos):
+                got = tiny.model(ids[None], return_type="logits")[0]
+    finally:
+        tiny.hf.set_attn_implementation("eager")
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+    assert (got - plain).abs().max() > 1e-3
+
+
+def test_alpha_zero_and_post_rope_d_k_alone_are_identities(tiny):
+    ids = torch.randint(5, 64, (1, 20))
+    dirs = random_dirs(tiny, "post_rope")
+    only_k = FocusDirections(torch.zeros_like(dirs.d_q), dirs.d_k * 10, dirs.model_name, "post_rope")
+    pre_k = FocusDirections(torch.zeros_like(dirs.d_q), dirs.d_k * 10, dirs.model_name, "pre_rope")
+    with torch.no_grad():
+        plain = tiny.model(ids, return_type="logits")
+        with focus_directions(tiny.model, dirs, HEADS, 0.0):
+            zero = tiny.model(ids, return_type="logits")
+        with focus_directions(tiny.model, only_k, HEADS, 1.0):
+            k_post = tiny.model(ids, return_type="logits")
+        with focus_directions(tiny.model, pre_k, HEADS, 1.0):
+            k_pre = tiny.model(ids, return_type="logits")
+    torch.testing.assert_close(zero, plain, atol=1e-6, rtol=0)
+    torch.testing.assert_close(k_post, plain, atol=1e-5, rtol=0)  # a row constant cancels in the softmax
+    assert (k_pre - plain).abs().max() > 1e-3  # before RoPE, R_j d_K differs per key: it matters
+
+
+@pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
+def test_response_only_from_shared_prefill_equals_full_forward(tiny, placement):
+    ids = torch.randint(5, 64, (26,))
+    dirs = random_dirs(tiny, placement, seed=1, scale=1.0)
+    with torch.no_grad(), focus_directions(tiny.model, dirs, HEADS, 0.5, from_pos=25):
+        full = tiny.model(ids[None], return_type="logits")[0, -1]
+        prefix = prefill(tiny.model, ids)
+        step = tiny.model(ids[None, -1:], past_key_values=prefix.cache, return_type="logits")[0, -1]
+    with torch.no_grad():
+        plain = tiny.model(ids[None], return_type="logits")[0, -1]
+    torch.testing.assert_close(step, full, atol=1e-4, rtol=0)
+    assert (full - plain).abs().max() > 1e-3
+
+
+def test_save_load_round_trip_and_validation(tiny, tmp_path):
+    dirs = random_dirs(tiny, "pre_rope")
+    dirs = FocusDirections(dirs.d_q, dirs.d_k, dirs.model_name, "pre_rope", "long", 7, {"lr": 1e-3, "epochs": 10})
+    path = dirs.save(tmp_path / "d.safetensors")
+    back = FocusDirections.load(path, model=tiny.model)
+    assert torch.equal(back.d_q, dirs.d_q) and torch.equal(back.d_k, dirs.d_k)
+    assert (back.placement, back.training_set, back.split_seed, back.settings) == ("pre_rope", "long", 7, {"lr": 1e-3, "epochs": 10})
+    other_shape = FocusDirections(dirs.d_q[:, :3], dirs.d_k[:, :3], dirs.model_name)
+    with pytest.raises(ValueError, match=r"shape \(2, 3, 8\).*has \(2, 4, 8\)"):
+        FocusDirections.load(other_shape.save(tmp_path / "s.safetensors"), model=tiny.model)
+    renamed = FocusDirections(dirs.d_q, dirs.d_k, "some/other-model")
+    with pytest.raises(ValueError, match="trained on 'some/other-model'"):
+        FocusDirections.load(renamed.save(tmp_path / "n.safetensors"), model=tiny.model)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable fdlib focus-directions file"):
+        FocusDirections.load(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match="placement"):
+        FocusDirections(dirs.d_q, dirs.d_k, "x", placement="mid_rope")
+    with pytest.raises(ValueError, match=r"head L5H0 is outside"):
+        with focus_directions(tiny.model, dirs, [(5, 0)], 1.0):
+            pass
