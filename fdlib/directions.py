@@ -219,3 +219,179 @@ def focus_directions(
     finally:
         handle.remove()
         queries.clear()
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadActivations:
+    """What the training loss needs from one sample, for the chosen heads only: the queries of
+    the response rows and the keys of every position, in the placement's space (never a T x T
+    pattern). Keys are per chosen query head (its KV head's keys)."""
+
+    q: Float[Tensor, "n_chosen rows d_head"]
+    k: Float[Tensor, "n_chosen pos d_head"]
+    response_start: int
+    span: Any  # fdlib.Span of the relevant document
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.k.numel() * self.k.element_size()
+
+
+def _unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Inverse of the Llama rotation (rotation by minus the angle), x: [..., pos, d]."""
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos - rotated_half * sin
+
+
+def collect_activations(
+    model: TransformerBridge,
+    tokens: Tensor,
+    response_start: int,
+    span: Any,
+    heads: Sequence[Head],
+    placement: Placement = "post_rope",
+) -> HeadActivations:
+    """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads.
+
+    The prompt's keys come from the fast prefill's KV cache (post-RoPE, per KV head); only the
+    response rows run through the bridge, where `hook_rot_q` / `hook_rot_k` give the rest.
+    Pre-RoPE activations are the post-RoPE ones rotated back by each position's angle.
+    """
+    from fdlib.decoding import _as_ids, prefill
+
+    ids = _as_ids(tokens)
+    T = int(ids.shape[0])
+    if not 0 < response_start < T:
+        raise ValueError(f"response_start must be in [1, {T - 1}], got {response_start}")
+    span.check(T)
+    chosen = check_heads(model, heads)
+    groups = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+    layers = sorted({l for l, _ in chosen})
+    got: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def hook(x: Tensor, hook: Any) -> None:
+            got[name] = x[0].detach()  # [pos, head, d_head]
+
+        return hook
+
+    fwd = [(f"blocks.{l}.attn.hook_rot_q", keep(f"q{l}")) for l in layers]
+    with torch.no_grad():
+        prefix = prefill(model, ids[: response_start + 1])
+        with hooks(model, fwd):
+            model(ids[None, response_start:], past_key_values=prefix.cache, return_type=None)
+    qs, ks = [], []
+    for l, h in chosen:
+        qs.append(got[f"q{l}"][:, h, :])  # [rows, d]
+        ks.append(prefix.cache.layers[l].keys[0, h // groups])  # [T, d], prompt + response
+    q, k = torch.stack(qs).float(), torch.stack(ks).float()
+    if placement == "pre_rope":
+        cos, sin = _rope_cos_sin(model, T, q)
+        k = _unrotate(k, cos.float(), sin.float())
+        q = _unrotate(q, cos[response_start:].float(), sin[response_start:].float())
+    elif placement != "post_rope":
+        raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {placement!r}")
+    return HeadActivations(q.clone(), k.clone(), response_start, span)
+
+
+def span_score(
+    acts: HeadActivations,
+    d_q: Tensor,
+    d_k: Tensor,
+    *,
+    scale: float,
+    rotation: tuple[Tensor, Tensor] | None = None,
+) -> Float[Tensor, "n_chosen"]:
+    """S_C per chosen head under softmax((Q + d_Q)(K + d_K)^T * scale), response rows only.
+    With `rotation` (cos, sin for every position), Q, K and the directions are pre-RoPE and
+    rotated here, so d_K meets each key at its own angle."""
+    q = acts.q + d_q[:, None, :]
+    k = acts.k + d_k[:, None, :]
+    n_rows, T = q.shape[1], k.shape[1]
+    if rotation is not None:
+        cos, sin = rotation
+        half = q.shape[-1] // 2
+
+        def rot(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+            return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
+
+        q = rot(q, cos[acts.response_start :], sin[acts.response_start :])
+        k = rot(k, cos[:T], sin[:T])
+    scores = torch.einsum("hrd,htd->hrt", q, k) * scale
+    rows = torch.arange(acts.response_start, acts.response_start + n_rows, device=q.device)
+    causal = torch.arange(T, device=q.device)[None, :] <= rows[:, None]
+    w = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    return w[..., acts.span.start : acts.span.end].sum(-1).mean(-1)
+
+
+@dataclass
+class TrainResult:
+    directions: FocusDirections
+    losses: list[float]  # mean loss per epoch
+    score_before: Float[Tensor, "n_chosen"]
+    score_after: Float[Tensor, "n_chosen"]
+
+
+def train_focus_directions(
+    model: TransformerBridge,
+    activations: Sequence[HeadActivations],
+    heads: Sequence[Head],
+    *,
+    placement: Placement = "post_rope",
+    training_set: TrainingSet = "gold",
+    lr: float = 1e-3,
+    epochs: int = 10,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    split_seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Per head, d_Q and d_K maximising S_C (loss -S_C), AdamW, one step per sample, samples in
+    a seeded order each epoch (the paper's settings as defaults)."""
+    from tqdm.auto import tqdm
+
+    chosen = check_heads(model, heads)
+    if not activations:
+        raise ValueError("no training activations")
+    d = model.cfg.d_head
+    gen = torch.Generator().manual_seed(seed)
+    d_q = torch.zeros(len(chosen), d, requires_grad=True)
+    d_k = torch.zeros(len(chosen), d, requires_grad=True)
+    opt = torch.optim.AdamW([d_q, d_k], lr=lr, weight_decay=weight_decay)
+    scale = model.cfg.d_head ** -0.5
+    T_max = max(a.k.shape[1] for a in activations)
+    rotation = None
+    if placement == "pre_rope":
+        cos, sin = _rope_cos_sin(model, T_max, activations[0].q)
+        rotation = (cos.float(), sin.float())
+
+    def mean_score() -> Tensor:
+        with torch.no_grad():
+            return torch.stack([span_score(a, d_q, d_k, scale=scale, rotation=rotation) for a in activations]).mean(0)
+
+    before = mean_score()
+    losses = []
+    bar = tqdm(range(epochs), desc="training focus directions", disable=not progress)
+    for _ in bar:
+        order = torch.randperm(len(activations), generator=gen).tolist()
+        total = 0.0
+        for i in order:
+            loss = -span_score(activations[i], d_q, d_k, scale=scale, rotation=rotation).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) / len(chosen)
+        losses.append(total / len(activations))
+        bar.set_postfix(loss=losses[-1])
+    shape = (model.cfg.n_layers, model.cfg.n_heads, d)
+    full_q, full_k = torch.zeros(shape), torch.zeros(shape)
+    for c, (l, h) in enumerate(chosen):
+        full_q[l, h], full_k[l, h] = d_q.detach()[c], d_k.detach()[c]
+    settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed,
+                "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
+    dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
+    return TrainResult(dirs, losses, before, mean_score())

@@ -139,3 +139,66 @@ def test_save_load_round_trip_and_validation(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"head L5H0 is outside"):
         with focus_directions(tiny.model, dirs, [(5, 0)], 1.0):
             pass
+
+
+def planted_activations(tiny, n=6, placement="post_rope"):
+    """Prompts of random tokens with a 'relevant' span; the response is the prompt's tail."""
+    from fdlib.directions import collect_activations
+
+    out = []
+    for i in range(n):
+        ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(100 + i))
+        out.append(collect_activations(tiny.model, ids, 24, fdlib.Span(8, 14), HEADS, placement))
+    return out
+
+
+def test_collected_activations_reproduce_the_model_pattern(tiny):
+    from fdlib.directions import span_score
+
+    ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(3))
+    span = fdlib.Span(8, 14)
+    want = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
+    for placement in ("post_rope", "pre_rope"):
+        from fdlib.directions import _rope_cos_sin, collect_activations
+
+        acts = collect_activations(tiny.model, ids, 24, span, HEADS, placement)
+        zeros = torch.zeros(len(HEADS), tiny.model.cfg.d_head)
+        rotation = None
+        if placement == "pre_rope":
+            cos, sin = _rope_cos_sin(tiny.model, 30, acts.q)
+            rotation = (cos.float(), sin.float())
+        got = span_score(acts, zeros, zeros, scale=tiny.model.cfg.d_head ** -0.5, rotation=rotation)
+        torch.testing.assert_close(got, torch.stack([want[l, h] for l, h in HEADS]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
+def test_training_raises_the_relevant_score_deterministically(tiny, placement):
+    from fdlib.directions import train_focus_directions
+
+    acts = planted_activations(tiny, placement=placement)
+    a = train_focus_directions(tiny.model, acts, HEADS, placement=placement, lr=0.3, epochs=10, progress=False)
+    b = train_focus_directions(tiny.model, acts, HEADS, placement=placement, lr=0.3, epochs=10, progress=False)
+    assert a.losses[-1] < a.losses[0]
+    assert (a.score_after > a.score_before + 0.02).all()
+    assert torch.equal(a.directions.d_q, b.directions.d_q) and a.losses == b.losses
+    # After RoPE the gradient of S_C with respect to d_K is zero up to float rounding (the term
+    # it adds is constant along each row); before RoPE it is a real gradient.
+    from fdlib.directions import _rope_cos_sin, span_score
+
+    d_q = torch.randn(len(HEADS), tiny.model.cfg.d_head, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    d_k = torch.zeros(len(HEADS), tiny.model.cfg.d_head, requires_grad=True)
+    rotation = None
+    if placement == "pre_rope":
+        cos, sin = _rope_cos_sin(tiny.model, 30, acts[0].q)
+        rotation = (cos.float(), sin.float())
+    span_score(acts[0], d_q, d_k, scale=tiny.model.cfg.d_head ** -0.5, rotation=rotation).sum().backward()
+    ratio = d_k.grad.abs().max() / d_q.grad.abs().max()
+    assert ratio < 1e-5 if placement == "post_rope" else ratio > 1e-2
+    # the trained directions, applied with focus_directions, raise the model's own score
+    ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(100))
+    span = fdlib.Span(8, 14)
+    plain = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
+    with focus_directions(tiny.model, a.directions, HEADS, 1.0):
+        boosted = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
+    for l, h in HEADS:
+        assert boosted[l, h] > plain[l, h]
