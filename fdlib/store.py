@@ -80,6 +80,10 @@ class Store:
                 [(r.sample_id, r.config, json.dumps(r.record), _pack(r.arrays)) for r in rows],
             )
 
+    def keys(self) -> set[tuple[str, str]]:
+        """Every (sample_id, config) present, without reading the stored arrays."""
+        return set(self._db.execute("SELECT sample_id, config FROM results"))
+
     def rows(self, config: str | None = None) -> Iterator[Row]:
         query = "SELECT sample_id, config, record, arrays FROM results"
         args: tuple = ()

@@ -207,7 +207,7 @@ def run_sweep(
     db = Store(store) if isinstance(store, (str, Path)) else store
     config_tag = f"{model_name(model)}|greedy{max_new_tokens}"
     try:
-        done = {(r.sample_id, r.config) for r in db.rows()}
+        done = db.keys()
         todo = [(q, [c for c in configs if (q.id, f"{config_tag}|{c.key}") not in done]) for q in mine]
         total = sum(len(c) for _, c in todo)
         bar = tqdm(total=total, desc=f"sweep shard {i}/{n}", unit="config", disable=not progress)
@@ -240,7 +240,8 @@ def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
     try:
         for src in sources:
             with Store(src) as s:
-                out.put([r for r in s.rows() if not out.has(r.sample_id, r.config)])
+                have = out.keys()
+                out.put([r for r in s.rows() if (r.sample_id, r.config) not in have])
         return len(out)
     finally:
         out.close()

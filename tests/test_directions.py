@@ -5,7 +5,6 @@ no-op after RoPE; the file format."""
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import fdlib
 from fdlib.decoding import prefill

@@ -19,6 +19,7 @@ def test_store_round_trip_and_replace(tmp_path):
     assert len(db) == 1 and rows[0].record == {"em": False, "answer": "y"}
     np.testing.assert_array_equal(rows[0].arrays["relevant"], a + 1)
     assert db.has("s1", "c") and not db.has("s1", "other")
+    assert db.keys() == {("s1", "c")}
     db.close()
     assert len(Store(tmp_path / "r.sqlite")) == 1  # persisted
 
