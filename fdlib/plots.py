@@ -155,7 +155,8 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
         from plotly.offline import get_plotlyjs
 
         _atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs(), encoding="utf-8"))
-    _atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs="plotly.min.js", full_html=True))
+    # A fixed div id keeps a regenerated figure byte-identical when its data did not change.
+    _atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs="plotly.min.js", full_html=True, div_id=name))
     written = [html]
     if png:
         target = directory / f"{name}.png"

@@ -52,6 +52,8 @@ def test_save_figure_writes_html_and_png(tmp_path):
         assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(p.exists() for p in paths)
     assert not list(tmp_path.glob(".x*"))  # no temporary file left behind
+    plots.save_figure(fig, "x", tmp_path, png=False)
+    assert (tmp_path / "x.html").read_text() == html  # regenerating the same figure is byte-identical
 
 
 def em_table_fixture():
