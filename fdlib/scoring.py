@@ -24,7 +24,7 @@ from fdlib.decoding import SpanRecorder, _as_ids, check_length, decode, hooks, p
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.models import model_name
 from fdlib.spans import Span, check_spans
-from fdlib.store import Row, Store
+from fdlib.store import Row, Store, open_store
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
 KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}
@@ -118,10 +118,9 @@ def score_dataset(
 ) -> list[SampleScores]:
     """Score every sample; with a store, finished samples are read back instead of recomputed
     and each new one is committed as soon as it is done (a crash loses at most one sample)."""
-    db = Store(store) if isinstance(store, (str, Path)) else store
     config = _config_key(model, max_new_tokens)
     out = []
-    try:
+    with open_store(store) as db:
         cached = {r.sample_id: r for r in db.rows(config)} if db is not None else {}
         for sample in tqdm(samples, desc="scoring samples", disable=not progress):
             row = cached.get(sample.id)
@@ -135,9 +134,6 @@ def score_dataset(
                 arrays = {k: v.numpy() for k, v in result.kinds.items()}
                 db.put([Row(sample.id, config, record, arrays)])
             out.append(result)
-    finally:
-        if db is not None and db is not store:
-            db.close()
     return out
 
 
@@ -259,11 +255,7 @@ def contextual_study(
     kw = dict(split=split, size=size)
     long = builder.samples(n_docs=n_docs, gold_position=gold_position, **kw)
     gold = builder.samples(variant="gold", **kw)
-    db = Store(store) if isinstance(store, (str, Path)) else store
-    try:
+    with open_store(store) as db:
         long_scores = score_dataset(model, long, store=db, max_new_tokens=max_new_tokens, progress=progress)
         gold_scores = score_dataset(model, gold, store=db, max_new_tokens=max_new_tokens, progress=progress)
-    finally:
-        if db is not None and db is not store:
-            db.close()
     return ContextualStudy(long_scores, gold_scores, n_docs)

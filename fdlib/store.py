@@ -6,6 +6,7 @@ rerun skips every key already present.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sqlite3
@@ -95,3 +96,14 @@ class Store:
 
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+
+
+@contextlib.contextmanager
+def open_store(store: "str | Path | Store | None") -> Iterator["Store | None"]:
+    """Yield a Store for a path (closed afterwards), or pass an open Store / None through
+    untouched (its owner closes it)."""
+    if isinstance(store, (str, Path)):
+        with Store(store) as db:
+            yield db
+    else:
+        yield store

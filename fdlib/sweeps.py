@@ -20,7 +20,7 @@ from fdlib.decoding import Prefix, decode, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.interventions import Head, check_tau, split_softmax
 from fdlib.models import model_name
-from fdlib.store import Row, Store
+from fdlib.store import Row, Store, open_store
 
 Input = Literal["long", "gold", "negative"]
 HeadSet = Literal["contextual", "random"]
@@ -204,9 +204,8 @@ def run_sweep(
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate configurations in the sweep")
     mine = list(questions)[i::n]
-    db = Store(store) if isinstance(store, (str, Path)) else store
     config_tag = f"{model_name(model)}|greedy{max_new_tokens}"
-    try:
+    with open_store(store) as db:
         done = db.keys()
         todo = [(q, [c for c in configs if (q.id, f"{config_tag}|{c.key}") not in done]) for q in mine]
         total = sum(len(c) for _, c in todo)
@@ -229,9 +228,6 @@ def run_sweep(
                     bar.update(1)
             db.put(rows)  # one transaction per question: a crash loses at most this question
         bar.close()
-    finally:
-        if db is not store:
-            db.close()
 
 
 def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
@@ -249,12 +245,8 @@ def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
 
 def sweep_frame(store: str | Path | Store) -> pd.DataFrame:
     """One row per (question, configuration) with the configuration's fields, answer and EM."""
-    db = Store(store) if isinstance(store, (str, Path)) else store
-    try:
+    with open_store(store) as db:
         rows = [{"question": r.sample_id, **r.record} for r in db.rows()]
-    finally:
-        if db is not store:
-            db.close()
     return pd.DataFrame(rows)
 
 
