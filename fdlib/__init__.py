@@ -1,7 +1,15 @@
 """fdlib: contextual heads, split-softmax and focus directions (Zhu et al., 2025) on TransformerLens."""
 
 from fdlib.data import NQBuilder, QASample, qa_samples
-from fdlib.directions import FocusDirections, focus_directions, train_focus_directions
+from fdlib.directions import (
+    ActivationCache,
+    FocusDirections,
+    focus_directions,
+    focus_table,
+    key_bias,
+    train_focus_directions,
+    train_nq_directions,
+)
 from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
 from fdlib.interventions import split_softmax
 from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
@@ -23,7 +31,8 @@ from fdlib.scoring import (
 from fdlib.spans import Span
 
 __all__ = [
-    "Answer", "DEFAULT_MODEL", "FocusDirections", "focus_directions", "train_focus_directions", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
+    "ActivationCache", "Answer", "DEFAULT_MODEL", "FocusDirections", "focus_directions", "focus_table", "key_bias",
+    "train_focus_directions", "train_nq_directions", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
     "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
     "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
     "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "split_softmax", "top_heads",

@@ -12,6 +12,7 @@ effect there, only d_Q does.
 from __future__ import annotations
 
 import contextlib
+from collections import abc
 import json
 import os
 import tempfile
@@ -247,6 +248,56 @@ def _unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos - rotated_half * sin
 
 
+def _run_response(model: TransformerBridge, ids: Tensor, response_start: int) -> tuple[dict[int, Tensor], Any]:
+    """Fast prefill of ids[:response_start], then the response rows through the bridge.
+    Returns every layer's rotated queries of the response rows [rows, head_index, d_head] and
+    the KV cache, which then holds every position's post-RoPE keys (per KV head)."""
+    from fdlib.decoding import prefill
+
+    got: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        def hook(q: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> None:
+            got[layer] = q[0].detach()
+
+        return hook
+
+    fwd = [(f"blocks.{l}.attn.hook_rot_q", keep(l)) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
+        with hooks(model, fwd):
+            model(ids[None, response_start:].to(model.cfg.device), past_key_values=prefix.cache, return_type=None)
+    return got, prefix.cache
+
+
+def _kv_groups(model: TransformerBridge) -> int:
+    return model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+
+
+def _select(
+    model: TransformerBridge,
+    q_layers: Sequence[Tensor],
+    k_layers: Sequence[Tensor],
+    chosen: Sequence[Head],
+    response_start: int,
+    span: Any,
+    placement: Placement,
+) -> HeadActivations:
+    """Pick the chosen heads out of per-layer queries [rows, head, d] and keys [kv_head, T, d]
+    (post-RoPE); pre-RoPE activations are those rotated back by each position's angle."""
+    groups = _kv_groups(model)
+    q = torch.stack([q_layers[l][:, h, :] for l, h in chosen]).float()
+    k = torch.stack([k_layers[l][h // groups] for l, h in chosen]).float()
+    if placement == "pre_rope":
+        T = k.shape[1]
+        cos, sin = _rope_cos_sin(model, T, q)
+        k = _unrotate(k, cos.float(), sin.float())
+        q = _unrotate(q, cos[response_start:].float(), sin[response_start:].float())
+    elif placement != "post_rope":
+        raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {placement!r}")
+    return HeadActivations(q.contiguous(), k.contiguous(), response_start, span)
+
+
 def collect_activations(
     model: TransformerBridge,
     tokens: Tensor,
@@ -258,10 +309,9 @@ def collect_activations(
     """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads.
 
     The prompt's keys come from the fast prefill's KV cache (post-RoPE, per KV head); only the
-    response rows run through the bridge, where `hook_rot_q` / `hook_rot_k` give the rest.
-    Pre-RoPE activations are the post-RoPE ones rotated back by each position's angle.
+    response rows run through the bridge, where `hook_rot_q` gives their queries.
     """
-    from fdlib.decoding import _as_ids, prefill
+    from fdlib.decoding import _as_ids
 
     ids = _as_ids(tokens)
     T = int(ids.shape[0])
@@ -269,33 +319,178 @@ def collect_activations(
         raise ValueError(f"response_start must be in [1, {T - 1}], got {response_start}")
     span.check(T)
     chosen = check_heads(model, heads)
-    groups = model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
-    layers = sorted({l for l, _ in chosen})
-    got: dict[str, Tensor] = {}
+    qs, cache = _run_response(model, ids, response_start)
+    ks = {l: cache.layers[l].keys[0] for l in range(model.cfg.n_layers)}
+    return _select(model, qs, ks, chosen, response_start, span, placement)
 
-    def keep(name: str):
-        def hook(x: Tensor, hook: Any) -> None:
-            got[name] = x[0].detach()  # [pos, head, d_head]
 
-        return hook
+# --- the on-disk activation cache -----------------------------------------------------------
 
-    fwd = [(f"blocks.{l}.attn.hook_rot_q", keep(f"q{l}")) for l in layers]
-    with torch.no_grad():
-        prefix = prefill(model, ids[: response_start + 1])
-        with hooks(model, fwd):
-            model(ids[None, response_start:], past_key_values=prefix.cache, return_type=None)
-    qs, ks = [], []
-    for l, h in chosen:
-        qs.append(got[f"q{l}"][:, h, :])  # [rows, d]
-        ks.append(prefix.cache.layers[l].keys[0, h // groups])  # [T, d], prompt + response
-    q, k = torch.stack(qs).float(), torch.stack(ks).float()
-    if placement == "pre_rope":
-        cos, sin = _rope_cos_sin(model, T, q)
-        k = _unrotate(k, cos.float(), sin.float())
-        q = _unrotate(q, cos[response_start:].float(), sin[response_start:].float())
-    elif placement != "post_rope":
-        raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {placement!r}")
-    return HeadActivations(q.clone(), k.clone(), response_start, span)
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+@dataclass(frozen=True)
+class CachedExample:
+    """Where one cached training example lives and what it holds."""
+
+    id: str
+    path: Path
+    response_start: int
+    span: Any  # fdlib.Span
+    n_tokens: int
+    answer: str
+
+
+class ActivationCache:
+    """Per training example, one safetensors file with every layer's post-RoPE queries of the
+    response rows (`q{l}`: [rows, head_index, d_head]) and keys of every position (`k{l}`:
+    [kv_head, pos, d_head]), the prompt + response tokens, and the span; written atomically, so
+    an interrupted build resumes at the first missing example. Pre-RoPE activations are derived
+    on reading (the rotation is exact and invertible), so they cost no disk.
+
+    Keys are stored per KV head (grouped-query attention shares them), in `dtype` (float16 by
+    default: half the disk; the score it gives matches the model's within ~1e-3).
+    Layout: `root / <model> / <training_set> / <example id>.safetensors`.
+    """
+
+    def __init__(self, root: str | Path, model: TransformerBridge, training_set: TrainingSet, dtype: torch.dtype = torch.float16) -> None:
+        if training_set not in ("gold", "long"):
+            raise ValueError(f"training_set must be 'gold' or 'long', got {training_set!r}")
+        self.model = model
+        self.training_set = training_set
+        self.dtype = dtype
+        self.dir = Path(root) / _slug(model_name(model)) / training_set
+
+    def path(self, example_id: str) -> Path:
+        return self.dir / f"{_slug(example_id)}.safetensors"
+
+    def __contains__(self, example_id: str) -> bool:
+        return self.path(example_id).exists()
+
+    def write(self, example_id: str, ids: Tensor, response_start: int, span: Any, answer: str,
+              q_layers: dict[int, Tensor] | None, k_layers: dict[int, Tensor] | None) -> Path:
+        """One example, atomically; `q_layers=None` records an example with no usable response
+        (an empty R_g) so a resumed build does not retry it."""
+        tensors = {"tokens": ids.to(torch.int64).cpu().contiguous()}
+        if q_layers is not None and k_layers is not None:
+            for l in range(self.model.cfg.n_layers):
+                tensors[f"q{l}"] = q_layers[l].to(self.dtype).cpu().contiguous()
+                tensors[f"k{l}"] = k_layers[l].to(self.dtype).cpu().contiguous()
+        meta = {"format": "fdlib.activations/1", "model_name": model_name(self.model), "id": example_id,
+                "training_set": self.training_set, "response_start": response_start,
+                "span": [span.start, span.end], "answer": answer, "usable": q_layers is not None}
+        path = self.path(example_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)})
+            os.replace(tmp, path)  # a crash leaves the old state or the new file, never half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def example(self, example_id: str) -> CachedExample | None:
+        """The cached example's metadata, None when its response was empty; raises when absent
+        or written for another model."""
+        from safetensors import safe_open
+
+        from fdlib.spans import Span
+
+        path = self.path(example_id)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["fdlib"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a readable fdlib activation file ({type(err).__name__}: {err})") from None
+        if meta["model_name"] != model_name(self.model):
+            raise ValueError(f"{path} holds activations of {meta['model_name']!r}, not {model_name(self.model)!r}")
+        if not meta["usable"]:
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            n_tokens = int(f.get_slice("tokens").get_shape()[0])
+        return CachedExample(example_id, path, int(meta["response_start"]), Span(*meta["span"]), n_tokens, meta["answer"])
+
+    def read(self, example: CachedExample, heads: Sequence[Head], placement: Placement = "post_rope") -> HeadActivations:
+        """The chosen heads' activations of one example (only their layers are read)."""
+        from safetensors import safe_open
+
+        chosen = check_heads(self.model, heads)
+        layers = sorted({l for l, _ in chosen})
+        q_layers: dict[int, Tensor] = {}
+        k_layers: dict[int, Tensor] = {}
+        with safe_open(str(example.path), framework="pt") as f:
+            for l in layers:
+                q_layers[l], k_layers[l] = f.get_tensor(f"q{l}"), f.get_tensor(f"k{l}")
+        return _select(self.model, q_layers, k_layers, chosen, example.response_start, example.span, placement)
+
+    def nbytes(self) -> int:
+        """Bytes on disk of every cached example."""
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.exists() else 0
+
+
+class CachedActivations(abc.Sequence):
+    """A lazy sequence of `HeadActivations`: each item is read from the cache when asked for,
+    so training on long prompts never holds every example in memory."""
+
+    def __init__(self, cache: ActivationCache, examples: Sequence[CachedExample], heads: Sequence[Head], placement: Placement) -> None:
+        self.cache, self.examples, self.heads, self.placement = cache, list(examples), list(heads), placement
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> HeadActivations:  # type: ignore[override]
+        return self.cache.read(self.examples[i], self.heads, self.placement)
+
+
+def build_activation_cache(
+    model: TransformerBridge,
+    cache: ActivationCache,
+    *,
+    split: str = "train",
+    size: Any = "quick",
+    n_docs: int = 20,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[CachedExample]:
+    """Cache the training examples of `split`: R_g is the model's greedy answer given the gold
+    document alone; the prompt is the gold-only one (`gold`, the paper's text) or the k-document
+    one (`long`, the authors' release), and the relevant span is the gold document in it.
+    Examples already on disk are skipped; examples with an empty R_g are recorded and left out.
+    """
+    from tqdm.auto import tqdm
+
+    from fdlib.data import NQBuilder
+    from fdlib.decoding import decode, prefill
+
+    builder = NQBuilder(model.tokenizer)
+    golds = builder.samples(split=split, size=size, variant="gold")
+    out: list[CachedExample] = []
+    bar = tqdm(golds, desc=f"caching activations ({cache.training_set})", unit="example", disable=not progress)
+    for gold in bar:
+        qid = gold.id.split("/")[0]
+        if qid not in cache:
+            answer = decode(model, prefill(model, gold.input_ids), max_new_tokens=max_new_tokens)
+            if cache.training_set == "gold":
+                prompt = gold
+            else:
+                example = next(e for e in builder.examples if e.id == qid)
+                prompt = builder.sample(example, n_docs=n_docs)
+            if not answer.tokens:
+                cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None)
+            else:
+                ids = torch.cat([prompt.input_ids, torch.tensor(answer.tokens, dtype=torch.long)])
+                qs, kv = _run_response(model, ids, prompt.n_tokens)
+                ks = {l: kv.layers[l].keys[0] for l in range(model.cfg.n_layers)}
+                cache.write(qid, ids, prompt.n_tokens, prompt.gold_span, answer.text, qs, ks)
+        ex = cache.example(qid)
+        if ex is not None:
+            out.append(ex)
+        bar.set_postfix(disk=f"{cache.nbytes() / 2**20:.0f} MiB")
+    return out
 
 
 def span_score(
@@ -319,7 +514,8 @@ def span_score(
         def rot(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
             return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
 
-        q = rot(q, cos[acts.response_start :], sin[acts.response_start :])
+        rows = slice(acts.response_start, acts.response_start + n_rows)
+        q = rot(q, cos[rows], sin[rows])
         k = rot(k, cos[:T], sin[:T])
     scores = torch.einsum("hrd,htd->hrt", q, k) * scale
     rows = torch.arange(acts.response_start, acts.response_start + n_rows, device=q.device)
@@ -363,30 +559,41 @@ def train_focus_directions(
     d_k = torch.zeros(len(chosen), d, requires_grad=True)
     opt = torch.optim.AdamW([d_q, d_k], lr=lr, weight_decay=weight_decay)
     scale = model.cfg.d_head ** -0.5
-    T_max = max(a.k.shape[1] for a in activations)
-    rotation = None
-    if placement == "pre_rope":
-        cos, sin = _rope_cos_sin(model, T_max, activations[0].q)
-        rotation = (cos.float(), sin.float())
+    rope: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def rotation_for(acts: HeadActivations) -> tuple[Tensor, Tensor] | None:
+        # cos/sin for every position, grown on demand (the examples have different lengths)
+        if placement != "pre_rope":
+            return None
+        T = acts.k.shape[1]
+        if "r" not in rope or rope["r"][0].shape[0] < T:
+            cos, sin = _rope_cos_sin(model, T, acts.q)
+            rope["r"] = (cos.float(), sin.float())
+        return rope["r"]
+
+    def score(acts: HeadActivations) -> Tensor:
+        return span_score(acts, d_q, d_k, scale=scale, rotation=rotation_for(acts))
 
     def mean_score() -> Tensor:
         with torch.no_grad():
-            return torch.stack([span_score(a, d_q, d_k, scale=scale, rotation=rotation) for a in activations]).mean(0)
+            return torch.stack([score(a) for a in activations]).mean(0)
 
     before = mean_score()
     losses = []
-    bar = tqdm(range(epochs), desc="training focus directions", disable=not progress)
-    for _ in bar:
+    bar = tqdm(total=epochs * len(activations), desc="training focus directions", unit="step", disable=not progress)
+    for _ in range(epochs):
         order = torch.randperm(len(activations), generator=gen).tolist()
         total = 0.0
         for i in order:
-            loss = -span_score(activations[i], d_q, d_k, scale=scale, rotation=rotation).sum()
+            loss = -score(activations[i]).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
             total += float(loss.detach()) / len(chosen)
+            bar.update(1)
         losses.append(total / len(activations))
         bar.set_postfix(loss=losses[-1])
+    bar.close()
     shape = (model.cfg.n_layers, model.cfg.n_heads, d)
     full_q, full_k = torch.zeros(shape), torch.zeros(shape)
     for c, (l, h) in enumerate(chosen):
@@ -395,3 +602,152 @@ def train_focus_directions(
                 "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
     dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
     return TrainResult(dirs, losses, before, mean_score())
+
+
+def all_heads(model: TransformerBridge) -> list[Head]:
+    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
+
+def train_nq_directions(
+    model: TransformerBridge,
+    *,
+    training_set: TrainingSet = "gold",
+    placement: Placement = "post_rope",
+    size: Any = "quick",
+    heads: Sequence[Head] | None = None,
+    root: str | Path | None = None,
+    n_docs: int = 20,
+    progress: bool = True,
+    **train_kwargs: Any,
+) -> TrainResult:
+    """Cache the NQ training split's activations (resumable) and train directions on them.
+
+    `heads=None` trains every head, so random-head controls have directions of their own.
+    `root` defaults to `<fdlib cache>/activations`. Extra keyword arguments go to
+    `train_focus_directions` (lr, epochs, weight_decay, seed).
+    """
+    from fdlib.data import SPLIT_SEED
+    from fdlib.models import cache_dir
+
+    cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set)
+    examples = build_activation_cache(model, cache, split="train", size=size, n_docs=n_docs, progress=progress)
+    chosen = list(heads) if heads is not None else all_heads(model)
+    acts = CachedActivations(cache, examples, chosen, placement)
+    result = train_focus_directions(model, acts, chosen, placement=placement, training_set=training_set,
+                                    split_seed=SPLIT_SEED, progress=progress, **train_kwargs)
+    result.directions.settings.update({"size": size if isinstance(size, (int, str)) else str(size), "n_docs": n_docs,
+                                       "cache_mib": round(cache.nbytes() / 2**20, 1)})
+    return result
+
+
+# --- analysis -------------------------------------------------------------------------------
+
+
+def focus_table(
+    model: TransformerBridge,
+    samples: Sequence[Any],
+    directions: FocusDirections,
+    heads: Sequence[Head],
+    alpha: float,
+    *,
+    report: Sequence[Head] | None = None,
+    max_new_tokens: int = 32,
+    level: float = 0.95,
+    progress: bool = True,
+) -> "pd.DataFrame":
+    """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
+    without and with directions on `heads` at `alpha` (response rows), per input variant of
+    `samples` (QASamples: long and gold-only cases), with bootstrap CIs and EM."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from fdlib.decoding import decode, prefill
+    from fdlib.scoring import answer_scores, head_table
+
+    report = list(report) if report is not None else list(heads)
+    runs: dict[tuple[str, str], list] = {}
+    for sample in tqdm(samples, desc="focus table", disable=not progress):
+        prefix = prefill(model, sample.input_ids)
+        spans = sample.named_spans()
+        plain = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+        with focus_directions(model, directions, heads, alpha, from_pos=sample.n_tokens - 1):
+            steered = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+        runs.setdefault((sample.variant, "without"), []).append(answer_scores(model, sample, plain))
+        runs.setdefault((sample.variant, f"alpha={alpha:g}"), []).append(answer_scores(model, sample, steered))
+    parts = []
+    for (case, condition), results in runs.items():
+        t = head_table(results, report, level=level).reset_index()
+        t.insert(1, "EM", sum(r.em for r in results) / len(results))
+        t.insert(1, "n", len(results))
+        t.insert(0, "directions", condition)
+        t.insert(0, "case", case)
+        parts.append(t)
+    return pd.concat(parts, ignore_index=True).set_index(["case", "directions", "head"])
+
+
+@torch.no_grad()
+def key_bias(
+    model: TransformerBridge,
+    sample: Any,
+    directions: FocusDirections,
+    head: Head,
+    alpha: float,
+) -> Float[Tensor, "pos"]:
+    """What the head's direction adds to each prompt token's attention logit, read from the
+    model: the head's pre-softmax scores of the last prompt row (the row that produces the
+    first answer token) with the direction minus without. After RoPE this equals
+    alpha * d_Q . k_j / sqrt(d_head) plus a constant that cancels in the softmax."""
+    from fdlib.decoding import prefill
+
+    (layer, h), = check_heads(model, [head])
+    directions.check(model)
+    prefix = prefill(model, sample.input_ids)
+    rows: list[Tensor] = []
+
+    def keep(scores: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> None:
+        rows.append(scores[0, h, -1].detach().float().clone())
+
+    last = prefix.tokens[-1:][None]
+    point = [(f"blocks.{layer}.attn.hook_attn_scores", keep)]
+    for steer in (False, True):
+        ctx = focus_directions(model, directions, [head], alpha, from_pos=prefix.length - 1) if steer else contextlib.nullcontext()
+        with ctx, hooks(model, point):
+            model(last, past_key_values=prefix.cache, return_type=None)
+        prefix.cache.crop(-1)  # back to the prompt, for the second pass
+    return rows[1] - rows[0]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train one set of directions on the NQ training split and save it."""
+    import argparse
+
+    from fdlib.models import DEFAULT_MODEL, load_model
+    from fdlib.scoring import contextual_study
+
+    ap = argparse.ArgumentParser(prog="python -m fdlib.directions", description="train focus directions on NQ")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--training-set", choices=["gold", "long"], default="gold")
+    ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
+    ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
+    ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
+    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
+    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
+    args = ap.parse_args(argv)
+    model = load_model(args.model)
+    size = int(args.size) if args.size.isdigit() else args.size
+    heads = None
+    if args.top:
+        hs = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
+        heads = contextual_study(model, size=hs, split="train", store=args.heads_store).heads(args.top)
+    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=size,
+                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed)
+    result.directions.save(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -168,18 +168,27 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
 _TAU_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17becf"]
 
 
-def em_vs_k(table: pd.DataFrame, *, title: str = "EM vs number of heads, split-softmax") -> go.Figure:
-    """The paper's Figure 3 from `sweeps.em_table`: one line per tau (solid: contextual heads,
-    dashed: random heads), CIs as error bars, baselines (no intervention) as horizontal lines."""
-    needed = {"input", "heads", "tau", "k", "em", "lo", "hi", "n"}
+def em_vs_k(
+    table: pd.DataFrame,
+    *,
+    param: str = "tau",
+    title: str = "EM vs number of heads, split-softmax",
+) -> go.Figure:
+    """The paper's Figures 3 (`param="tau"`) and 4 (`param="alpha"`) from `sweeps.em_table`:
+    one line per value of the parameter (solid: contextual heads, dashed: random heads), CIs as
+    error bars, baselines (no intervention) as horizontal lines. Rows of other methods (their
+    `param` is NaN) are left out."""
+    if param not in ("tau", "alpha"):
+        raise ValueError(f"param must be 'tau' or 'alpha', got {param!r}")
+    needed = {"input", "heads", param, "k", "em", "lo", "hi", "n"}
     if missing := needed - set(table.columns):
         raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.sweeps.em_table")
     fig = go.Figure()
-    lines = table[table.heads != "none"]
-    for i, tau in enumerate(sorted(lines.tau.unique())):
+    lines = table[(table.heads != "none") & table[param].notna()]
+    for i, tau in enumerate(sorted(lines[param].unique())):
         color = _TAU_COLORS[i % len(_TAU_COLORS)]
         for heads, dash in (("contextual", "solid"), ("random", "dash")):
-            d = lines[(lines.tau == tau) & (lines.heads == heads)].sort_values("k")
+            d = lines[(lines[param] == tau) & (lines.heads == heads)].sort_values("k")
             if d.empty:
                 continue
             fig.add_trace(
@@ -187,9 +196,9 @@ def em_vs_k(table: pd.DataFrame, *, title: str = "EM vs number of heads, split-s
                     x=d.k, y=d.em, mode="lines+markers",
                     line=dict(color=color, dash=dash),
                     error_y=dict(type="data", symmetric=False, array=d.hi - d.em, arrayminus=d.em - d.lo),
-                    name=f"tau={tau:g}, {heads}",
+                    name=f"{param}={tau:g}, {heads}",
                     customdata=np.stack([d.lo, d.hi, d.n], axis=-1),
-                    hovertemplate=f"tau={tau:g}, {heads} heads<br>k=%{{x}}<br>EM=%{{y:.3f}} "
+                    hovertemplate=f"{param}={tau:g}, {heads} heads<br>k=%{{x}}<br>EM=%{{y:.3f}} "
                     "[%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>n=%{customdata[2]}<extra></extra>",
                 )
             )
@@ -227,4 +236,288 @@ def doc_attention(
                              hovertemplate="%{customdata}<br>" + name + ": %{y:.4f}<extra></extra>"))
     fig.update_layout(title=title or f"{head}: attention mass per document", barmode="group",
                       xaxis_title="document", yaxis_title="attention from the answer rows", width=820, height=420)
+    return fig
+
+
+def key_bias(
+    bias: Sequence[float] | np.ndarray,
+    tokens: Sequence[str],
+    doc_spans: Sequence[tuple[int, int]],
+    gold_index: int | None,
+    *,
+    head: str,
+    title: str | None = None,
+) -> go.Figure:
+    """The logit bias a head's focus direction adds to each prompt token, coloured by document
+    (gold in red, the first token - the sink - in black); hover shows the token."""
+    b = np.asarray(bias, dtype=float)
+    if b.ndim != 1 or len(tokens) != len(b):
+        raise ValueError(f"bias and tokens must be 1-D of equal length, got {b.shape} and {len(tokens)}")
+    where = np.array(["prompt"] * len(b), dtype=object)
+    for i, (start, end) in enumerate(doc_spans):
+        if not 0 <= start < end <= len(b):
+            raise ValueError(f"document span {(start, end)} is outside the {len(b)} positions")
+        where[start:end] = f"doc {i + 1}" + (" (gold)" if i == gold_index else "")
+    where[0] = "sink"
+    fig = go.Figure()
+    groups = [("sink", "black"), ("prompt", "#7f7f7f")]
+    groups += [(w, "#d62728" if "gold" in w else "#1f77b4") for w in dict.fromkeys(where) if w.startswith("doc")]
+    for name, color in groups:
+        idx = np.flatnonzero(where == name)
+        if not len(idx):
+            continue
+        custom = np.stack([np.array([tokens[i] for i in idx], dtype=object), where[idx]], axis=-1)
+        fig.add_trace(go.Scattergl(
+            x=idx, y=b[idx], mode="markers", marker=dict(color=color, size=4), customdata=custom,
+            name=name if name in ("sink", "prompt") or "gold" in name else "other documents",
+            legendgroup="docs" if name.startswith("doc") and "gold" not in name else name,
+            showlegend=name in ("sink", "prompt") or "gold" in name or name == "doc 1",
+            hovertemplate="position %{x}: %{customdata[0]}<br>%{customdata[1]}<br>bias %{y:.3f}<extra></extra>",
+        ))
+    fig.update_layout(title=title or f"{head}: logit bias its focus direction adds to each prompt token",
+                      xaxis_title="prompt position", yaxis_title="added attention logit", width=980, height=420)
+    return fig
+
+
+# --- head explorer (fdlib.explorer) ------------------------------------------------------------
+
+
+def head_doc_mass(
+    values: Sequence[float] | np.ndarray,
+    gold_index: int | None,
+    *,
+    head: str,
+    titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """One head's attention mass per document from the answer rows; the gold document's bar is
+    green, the others grey; hover gives the document's title and the exact mass."""
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D (one mass per document), got shape {v.shape}")
+    if gold_index is not None and not 0 <= gold_index < len(v):
+        raise ValueError(f"gold_index {gold_index} is outside the {len(v)} documents")
+    if titles is not None and len(titles) != len(v):
+        raise ValueError(f"{len(titles)} titles for {len(v)} documents")
+    names = [f"doc {i + 1}" + (" (gold)" if i == gold_index else "") for i in range(len(v))]
+    hover = [f"{n}: {t}" for n, t in zip(names, titles)] if titles is not None else names
+    colors = ["#2ca02c" if i == gold_index else "#7f7f7f" for i in range(len(v))]
+    fig = go.Figure(
+        go.Bar(x=names, y=v, marker_color=colors, customdata=hover, name=head,
+               hovertemplate="%{customdata}<br>mass = %{y:.4f}<extra></extra>")
+    )
+    fig.update_layout(title=title or f"{head}: attention mass per document", xaxis_title="document",
+                      yaxis_title="attention from the answer rows", width=620, height=380, showlegend=False)
+    return fig
+
+
+def explorer_snapshot(
+    scores: Float[Tensor, "n_layers n_heads"] | np.ndarray,
+    doc_values: Sequence[float] | np.ndarray,
+    gold_index: int | None,
+    *,
+    head: tuple[int, int],
+    score_name: str = "relevant",
+    marked: Sequence[tuple[int, int]] = (),
+    titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """A static picture of the head explorer: the layers x heads heatmap (selected head boxed in
+    red, `marked` heads crossed) beside the selected head's attention mass per document."""
+    from plotly.subplots import make_subplots
+
+    heat = head_heatmap(scores, score_name=score_name)
+    n_layers, n_heads = _np(scores).shape
+    layer, h = head
+    if not (0 <= layer < n_layers and 0 <= h < n_heads):
+        raise ValueError(f"head L{layer}H{h} is outside the scores ({n_layers} layers x {n_heads} heads)")
+    bars = head_doc_mass(doc_values, gold_index, head=f"L{layer}H{h}", titles=titles)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.42, 0.58], horizontal_spacing=0.12,
+                        subplot_titles=(f"{score_name} score per head", f"L{layer}H{h}: attention mass per document"))
+    hm = heat.data[0]
+    hm.colorbar.update(x=0.40, len=0.9)
+    fig.add_trace(hm, row=1, col=1)
+    if marked:
+        m = np.asarray(marked)
+        fig.add_trace(go.Scatter(x=m[:, 1], y=m[:, 0], mode="markers", name="intervened heads",
+                                 marker=dict(symbol="x-thin", size=9, line=dict(color="white", width=2)),
+                                 customdata=[f"L{a}H{b}" for a, b in marked],
+                                 hovertemplate="%{customdata} (intervened)<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=[h], y=[layer], mode="markers", name="selected head",
+                             marker=dict(symbol="square-open", size=13, line=dict(color="red", width=3)),
+                             hovertemplate=f"L{layer}H{h} (selected)<extra></extra>"), row=1, col=1)
+    fig.add_trace(bars.data[0], row=1, col=2)
+    fig.update_xaxes(title_text="head", dtick=1, row=1, col=1)
+    fig.update_yaxes(title_text="layer", row=1, col=1)
+    fig.update_xaxes(title_text="document", row=1, col=2)
+    fig.update_yaxes(title_text="attention from the answer rows", row=1, col=2)
+    fig.update_layout(title=title or "Head explorer", width=1200, height=600,
+                      legend=dict(orientation="h", x=0, y=-0.12))
+    return fig
+
+
+def loss_curves(curves: dict[str, Sequence[float]], *, title: str = "Focus-direction training loss") -> go.Figure:
+    """One line per run: the mean loss (-S_C per head) after each epoch."""
+    if not curves:
+        raise ValueError("no loss curves to draw")
+    fig = go.Figure()
+    for name, losses in curves.items():
+        y = np.asarray(losses, dtype=float)
+        fig.add_trace(go.Scatter(x=np.arange(1, len(y) + 1), y=y, mode="lines+markers", name=name,
+                                 customdata=np.full(len(y), name, dtype=object),
+                                 hovertemplate="%{customdata}<br>epoch %{x}: loss %{y:.4f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="epoch", yaxis_title="loss = -S_C (mean over heads)", width=720, height=420)
+    return fig
+
+
+# --- long-context studies (fdlib.longctx) -------------------------------------------------------
+
+_CONDITION_COLORS = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
+
+
+def versus_baseline_heatmap(
+    table: pd.DataFrame,
+    *,
+    baseline: str = "baseline",
+    title: str = "Score per task and length, against the baseline",
+    value_name: str = "score",
+) -> go.Figure:
+    """A table laid out as the paper's Table 2 (rows: e.g. task x length; columns: the baseline,
+    then each condition) as a heatmap of each cell minus its row's baseline: green better, red
+    worse, white equal; each cell is written with its value, hover gives row, column, value,
+    baseline and difference."""
+    if baseline not in table.columns:
+        raise ValueError(f"no column {baseline!r} in the table; columns: {list(table.columns)}")
+    values = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    if values.size == 0:
+        raise ValueError("the table is empty")
+    base = values[:, list(table.columns).index(baseline)][:, None]
+    diff = values - base
+    rows = [" · ".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in table.index]
+    cols = [str(c) for c in table.columns]
+    custom = np.empty(values.shape + (3,), dtype=object)
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            custom[i, j] = (r, c, f"{base[i, 0]:.3f}")
+    span = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
+    span = span or 1.0  # an all-equal table still gets a colour scale
+    fig = go.Figure(
+        go.Heatmap(
+            z=diff, x=cols, y=rows, customdata=custom, text=np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2f}")(values),
+            texttemplate="%{text}", colorscale=[[0, "#d62728"], [0.5, "#ffffff"], [1, "#2ca02c"]],
+            zmin=-span, zmax=span, colorbar=dict(title=f"{value_name} -<br>baseline"),
+            hovertemplate="%{customdata[0]}<br>%{customdata[1]}: %{text}<br>baseline %{customdata[2]}"
+                          "<br>difference %{z:+.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=title, xaxis_title="condition", yaxis_title="task · length",
+                      width=max(560, 110 * len(cols) + 220), height=max(320, 36 * len(rows) + 200))
+    fig.update_yaxes(autorange="reversed")  # first row on top, as in the table
+    return fig
+
+
+def em_vs_position(
+    table: pd.DataFrame,
+    *,
+    title: str = "Lost in the middle: EM and the contextual heads' attention vs gold position",
+    heads_label: str = "top-5 contextual heads",
+) -> go.Figure:
+    """From `fdlib.longctx.position_table`: left, EM vs the gold document's position with CIs,
+    one line per condition; right, the mean relevant-document score of the heads from the
+    answer rows, per position and condition."""
+    from plotly.subplots import make_subplots
+
+    needed = {"label", "position", "em", "lo", "hi", "n", "relevant", "relevant_lo", "relevant_hi"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.longctx.position_table")
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("exact match", f"relevant-document score, {heads_label}"))
+    for i, (label, g) in enumerate(table.groupby("label", sort=False, observed=True)):
+        g = g.sort_values("position")
+        color = _CONDITION_COLORS[i % len(_CONDITION_COLORS)]
+        names = np.full(len(g), str(label), dtype=object)
+        for col, (y, lo, hi) in ((1, ("em", "lo", "hi")), (2, ("relevant", "relevant_lo", "relevant_hi"))):
+            fig.add_trace(go.Scatter(
+                x=g["position"], y=g[y], mode="lines+markers", name=str(label), legendgroup=str(label),
+                showlegend=col == 1, line=dict(color=color),
+                error_y=dict(type="data", symmetric=False, array=g[hi] - g[y], arrayminus=g[y] - g[lo]),
+                customdata=np.stack([names, g["lo" if col == 1 else "relevant_lo"], g["hi" if col == 1 else "relevant_hi"],
+                                     g["n"]], axis=-1),
+                hovertemplate="%{customdata[0]}<br>gold at %{x}: %{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}]"
+                              "<br>n = %{customdata[3]}<extra></extra>",
+            ), row=1, col=col)
+    fig.update_xaxes(title_text="position of the gold document", row=1, col=1)
+    fig.update_xaxes(title_text="position of the gold document", row=1, col=2)
+    fig.update_yaxes(title_text="exact match", row=1, col=1)
+    fig.update_yaxes(title_text="attention on the gold document", row=1, col=2)
+    fig.update_layout(title=title, width=1100, height=460, legend=dict(orientation="h", x=0, y=-0.2))
+    return fig
+
+
+_SET_COLORS = ("#eeeeee", "#1f77b4", "#ff7f0e", "#9467bd")
+
+
+def head_sets_map(
+    first: Sequence[tuple[int, int]],
+    second: Sequence[tuple[int, int]],
+    n_layers: int,
+    n_heads: int,
+    *,
+    names: tuple[str, str] = ("retrieval", "contextual"),
+    scores: dict[str, Float[Tensor, "n_layers n_heads"] | np.ndarray] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """The paper's Figure 9: a layers x heads map marking the heads in the first set only, the
+    second only, or both; hover gives `L{l}H{h}`, its set, and each of `scores` (e.g. the
+    retrieval and relevant scores) at that head."""
+    from fdlib.longctx import head_set_grid
+
+    grid = head_set_grid(first, second, n_layers, n_heads)  # 0 neither, 1 first only, 2 second only, 3 both
+    kinds = np.array(["neither", f"{names[0]} only", f"{names[1]} only", "both"], dtype=object)
+    extra = ""
+    parts = [_labels(n_layers, n_heads), kinds[grid]]
+    for name, s in (scores or {}).items():
+        arr = _np(s).astype(float)
+        if arr.shape != grid.shape:
+            raise ValueError(f"scores {name!r} have shape {arr.shape}, expected {grid.shape}")
+        extra += f"<br>{name} score %{{customdata[{len(parts)}]:.4f}}"
+        parts.append(arr)
+    custom = np.stack(parts, axis=-1)
+    # A discrete colour per kind: each value owns a quarter of the colour scale.
+    scale = []
+    for v, c in enumerate(_SET_COLORS):
+        scale += [[v / 4, c], [(v + 1) / 4, c]]
+    fig = go.Figure(go.Heatmap(
+        z=grid, x=list(range(n_heads)), y=list(range(n_layers)), customdata=custom, zmin=-0.5, zmax=3.5,
+        colorscale=scale, xgap=1, ygap=1,
+        colorbar=dict(tickvals=[0, 1, 2, 3], ticktext=list(kinds), title="head set"),
+        hovertemplate="%{customdata[0]}: %{customdata[1]}" + extra + "<extra></extra>",
+    ))
+    n_both = int((grid == 3).sum())
+    fig.update_layout(title=title or f"Top-{len(first)} {names[0]} vs top-{len(second)} {names[1]} heads ({n_both} in both)",
+                      xaxis_title="head", yaxis_title="layer", width=560, height=680)
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def em_by_condition(
+    table: pd.DataFrame,
+    *,
+    title: str = "Exact match per condition",
+    value: str = "em",
+) -> go.Figure:
+    """One bar per condition (`label`) with its bootstrap CI, coloured by method; from
+    `fdlib.longctx.condition_table`."""
+    needed = {"label", "method", value, "lo", "hi", "n"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.longctx.condition_table")
+    colors = {"baseline": "#7f7f7f", "split": "#2ca02c", "focus": "#1f77b4", "ablate": "#d62728"}
+    labels = [str(x) for x in table["label"]]
+    fig = go.Figure(go.Bar(
+        x=labels, y=table[value], marker_color=[colors.get(m, "#17becf") for m in table["method"]],
+        error_y=dict(type="data", symmetric=False, array=table["hi"] - table[value], arrayminus=table[value] - table["lo"]),
+        customdata=np.stack([np.array(labels, dtype=object), table["lo"], table["hi"], table["n"]], axis=-1),
+        hovertemplate="%{customdata[0]}<br>%{y:.3f} [%{customdata[1]:.3f}, %{customdata[2]:.3f}], n = %{customdata[3]}<extra></extra>",
+    ))
+    fig.update_layout(title=title, xaxis_title="condition", yaxis_title="exact match", width=820, height=440)
     return fig

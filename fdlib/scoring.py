@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.data import QASample
-from fdlib.decoding import SpanRecorder, _as_ids, check_length, decode, hooks, prefill
+from fdlib.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.models import model_name
 from fdlib.spans import Span, check_spans
@@ -91,9 +91,8 @@ class SampleScores:
     kinds: dict[str, Float[Tensor, "n_layers n_heads"]]
 
 
-def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: int = 32) -> SampleScores:
-    """Greedy answer with the KV cache, scoring the response rows as they are produced."""
-    answer = decode(model, prefill(model, sample.input_ids), max_new_tokens=max_new_tokens, spans=sample.named_spans())
+def answer_scores(model: TransformerBridge, sample: QASample, answer: Answer) -> SampleScores:
+    """The four kinds of score from an answer decoded with `spans=sample.named_spans()`."""
     n_docs = len(sample.doc_spans)
     if answer.scores:
         docs = torch.stack([answer.scores[f"doc{i}"] for i in range(n_docs)])
@@ -102,6 +101,12 @@ def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: 
         nan = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
         kinds = {k: nan for k in KINDS}
     return SampleScores(sample.id, sample.variant, answer.text, best_subspan_em(answer.text, sample.answers), kinds)
+
+
+def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: int = 32) -> SampleScores:
+    """Greedy answer with the KV cache, scoring the response rows as they are produced."""
+    answer = decode(model, prefill(model, sample.input_ids), max_new_tokens=max_new_tokens, spans=sample.named_spans())
+    return answer_scores(model, sample, answer)
 
 
 def _config_key(model: TransformerBridge, max_new_tokens: int) -> str:

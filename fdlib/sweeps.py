@@ -5,10 +5,11 @@ transaction per question, resumable and shardable.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.data import NQBuilder, QASample, Size
 from fdlib.decoding import Prefix, decode, prefill
+from fdlib.directions import FocusDirections, focus_directions
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.interventions import Head, check_tau, split_softmax
 from fdlib.models import model_name
@@ -24,27 +26,49 @@ from fdlib.store import Row, Store, open_store
 
 Input = Literal["long", "gold", "negative"]
 HeadSet = Literal["contextual", "random"]
+Rows = Literal["response", "all"]
 
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One configuration: a baseline (no intervention) on an input variant, or split-softmax
-    with `tau` on the top-k contextual heads or on k random heads (seeded) of the long input."""
+    """One configuration: a baseline (no intervention) on an input variant; split-softmax with
+    `tau`; or focus directions (`directions` names one of the sets handed to `run_sweep`) with
+    `alpha`, on the top-k contextual heads or on k random heads (seeded) of the long input.
+
+    Focus directions touch the response rows only by default (`rows="response"`: the query
+    rows from the last prompt token on, decoded from the shared prefill); `rows="all"` is the
+    paper's setting (every query row, so the prompt is prefilled again under the hooks).
+    """
 
     input: Input = "long"
     tau: float | None = None
     heads: HeadSet | None = None
     k: int | None = None
     seed: int | None = None
+    alpha: float | None = None
+    directions: str | None = None
+    rows: Rows = "response"
 
     def __post_init__(self) -> None:
         if self.input not in ("long", "gold", "negative"):
             raise ValueError(f"unknown input {self.input!r}: expected 'long', 'gold' or 'negative'")
-        if self.tau is None:
-            if (self.heads, self.k, self.seed) != (None, None, None):
-                raise ValueError(f"a baseline takes no heads, k or seed: {self}")
+        if self.rows not in ("response", "all"):
+            raise ValueError(f"rows must be 'response' or 'all', got {self.rows!r}")
+        if self.tau is None and self.alpha is None:
+            if (self.heads, self.k, self.seed, self.directions) != (None, None, None, None) or self.rows != "response":
+                raise ValueError(f"a baseline takes no heads, k, seed, directions or rows: {self}")
             return
-        check_tau(self.tau)
+        if self.tau is not None and self.alpha is not None:
+            raise ValueError(f"one intervention per configuration: tau and alpha are both set in {self}")
+        if self.tau is not None:
+            check_tau(self.tau)
+            if self.directions is not None or self.rows != "response":
+                raise ValueError(f"split-softmax takes no directions or rows: {self}")
+        else:
+            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+                raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
+            if not self.directions:
+                raise ValueError(f"focus directions need the name of a directions set: {self}")
         if self.input != "long":
             raise ValueError(f"interventions run on the long input, got input={self.input!r}")
         if self.heads not in ("contextual", "random"):
@@ -56,7 +80,11 @@ class SweepConfig:
 
     @property
     def is_baseline(self) -> bool:
-        return self.tau is None
+        return self.tau is None and self.alpha is None
+
+    @property
+    def method(self) -> str:
+        return "baseline" if self.is_baseline else ("split" if self.tau is not None else "focus")
 
     @property
     def key(self) -> str:
@@ -64,7 +92,10 @@ class SweepConfig:
         if self.is_baseline:
             return f"baseline|{self.input}"
         tail = f"|seed={self.seed}" if self.seed is not None else ""
-        return f"split|tau={self.tau:g}|{self.heads}|k={self.k}{tail}"
+        if self.tau is not None:
+            return f"split|tau={self.tau:g}|{self.heads}|k={self.k}{tail}"
+        rows = "|rows=all" if self.rows == "all" else ""
+        return f"focus|{self.directions}|alpha={self.alpha:g}|{self.heads}|k={self.k}{tail}{rows}"
 
 
 def baselines() -> list[SweepConfig]:
@@ -100,6 +131,40 @@ def split_grid(
             out.append(SweepConfig(tau=tau, heads="contextual", k=k))
             if k != n_total_heads:  # k = every head: the random set is the contextual set
                 out += [SweepConfig(tau=tau, heads="random", k=k, seed=s) for s in seeds]
+    return out
+
+
+# The paper's alpha x k study (alpha = 0 is the long baseline: the identity, not decoded again).
+FOCUS_GRIDS: dict[str, dict] = {
+    "quick": dict(alphas=(0.5,), ks=(5,), seeds=(0,)),
+    "full": dict(alphas=(-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0), ks=(1, 5, 10, 20, 50, 100), seeds=(0,)),
+}
+
+
+def focus_grid(
+    size: Size = "quick",
+    *,
+    directions: str,
+    alphas: Sequence[float] | None = None,
+    ks: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    random_alphas: Sequence[float] | None = None,
+    rows: Rows = "response",
+    with_baselines: bool = True,
+) -> list[SweepConfig]:
+    """(Baselines +) alpha x k x (contextual, random per seed) for one named directions set.
+    `random_alphas` restricts the random-head controls to some alphas (default: all)."""
+    g = FOCUS_GRIDS[size]
+    alphas = g["alphas"] if alphas is None else alphas
+    ks = g["ks"] if ks is None else ks
+    seeds = g["seeds"] if seeds is None else seeds
+    rand = set(alphas if random_alphas is None else random_alphas)
+    out = baselines() if with_baselines else []
+    for a in alphas:
+        for k in ks:
+            out.append(SweepConfig(alpha=a, directions=directions, heads="contextual", k=k, rows=rows))
+            if a in rand:
+                out += [SweepConfig(alpha=a, directions=directions, heads="random", k=k, seed=s, rows=rows) for s in seeds]
     return out
 
 
@@ -157,17 +222,28 @@ def run_config(
     heads: Sequence[Head],
     *,
     max_new_tokens: int,
+    directions: Mapping[str, FocusDirections] | None = None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Decode one configuration from a shared prefix; returns the record (answer, EM, the
     configuration's fields) and the gold and sink scores of every head."""
     spans = {"sink": sample.sink_span}
     if sample.gold_span is not None:
         spans["gold"] = sample.gold_span
+    last = sample.n_tokens - 1  # the last prompt row produces the first answer token
     if config.is_baseline:
         answer = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
-    else:
-        with split_softmax(model, heads, sample.gold_span, config.tau, from_pos=sample.n_tokens - 1):
+    elif config.tau is not None:
+        with split_softmax(model, heads, sample.gold_span, config.tau, from_pos=last):
             answer = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    else:
+        dirs = _directions_for(config, directions)
+        if config.rows == "response":
+            with focus_directions(model, dirs, heads, config.alpha, from_pos=last):
+                answer = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+        else:  # every row: the prompt's cache must be computed under the directions too
+            with focus_directions(model, dirs, heads, config.alpha, from_pos=0):
+                own = prefill(model, sample.input_ids, fast=False)
+                answer = decode(model, own, max_new_tokens=max_new_tokens, spans=spans)
     record = {
         "config": config.key,
         "model": model_name(model),
@@ -180,6 +256,13 @@ def run_config(
     return record, arrays
 
 
+def _directions_for(config: SweepConfig, directions: Mapping[str, FocusDirections] | None) -> FocusDirections:
+    if not directions or config.directions not in directions:
+        have = sorted(directions) if directions else []
+        raise ValueError(f"configuration {config.key!r} needs directions {config.directions!r}; given: {have}")
+    return directions[config.directions]
+
+
 def run_sweep(
     model: TransformerBridge,
     questions: Sequence[QuestionInputs],
@@ -190,6 +273,7 @@ def run_sweep(
     shard: tuple[int, int] = (0, 1),
     max_new_tokens: int = 32,
     progress: bool = True,
+    directions: Mapping[str, FocusDirections] | None = None,
 ) -> None:
     """Run every configuration on every question of this shard, skipping stored results.
 
@@ -203,6 +287,9 @@ def run_sweep(
     keys = [c.key for c in configs]
     if len(set(keys)) != len(keys):
         raise ValueError("duplicate configurations in the sweep")
+    for c in configs:  # fail before any work, not after an hour of it
+        if c.alpha is not None:
+            _directions_for(c, directions).check(model)
     mine = list(questions)[i::n]
     config_tag = f"{model_name(model)}|greedy{max_new_tokens}"
     with open_store(store) as db:
@@ -223,7 +310,8 @@ def run_sweep(
                 prefix = prefill(model, sample.input_ids)  # shared by every configuration below
                 for c in these:
                     heads = [] if c.is_baseline else _heads_for(c, ranked_heads, L, H)
-                    record, arrays = run_config(model, sample, prefix, c, heads, max_new_tokens=max_new_tokens)
+                    record, arrays = run_config(model, sample, prefix, c, heads, max_new_tokens=max_new_tokens,
+                                                directions=directions)
                     rows.append(Row(q.id, f"{config_tag}|{c.key}", record, arrays))
                     bar.update(1)
             db.put(rows)  # one transaction per question: a crash loses at most this question
@@ -253,16 +341,20 @@ def sweep_frame(store: str | Path | Store) -> pd.DataFrame:
 def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """EM with bootstrap CIs per configuration; random-head seeds are pooled per (tau, k)."""
     f = frame.copy()
-    f["heads"] = f["heads"].fillna("none")
-    f["tau"] = f["tau"].astype(float)
-    f["k"] = f["k"].astype(float)
+    for col, fill in (("heads", "none"), ("directions", "none"), ("rows", "response")):
+        f[col] = f[col].fillna(fill) if col in f else fill  # stores older than a field lack it
+    for col in ("tau", "k", "alpha"):
+        f[col] = f[col].astype(float) if col in f else float("nan")
+    f["method"] = np.where(f["tau"].notna(), "split", np.where(f["alpha"].notna(), "focus", "baseline"))
+    keys = ["method", "input", "heads", "directions", "rows", "tau", "alpha", "k"]
     rows = []
-    for (inp, heads, tau, k), g in f.groupby(["input", "heads", "tau", "k"], dropna=False):
+    for vals, g in f.groupby(keys, dropna=False):
         # pool seeds: a question's EM is its mean over seeds, so each question counts once
         per_q = g.groupby("question")["em"].mean().to_numpy(dtype=float)
         mean, lo, hi = bootstrap_ci(per_q, level=level)
-        rows.append({"input": inp, "heads": heads, "tau": tau, "k": k, "em": mean, "lo": lo, "hi": hi, "n": len(per_q)})
-    return pd.DataFrame(rows).sort_values(["heads", "tau", "k"], na_position="first").reset_index(drop=True)
+        rows.append({**dict(zip(keys, vals)), "em": mean, "lo": lo, "hi": hi, "n": len(per_q)})
+    order = ["method", "heads", "directions", "rows", "tau", "alpha", "k"]
+    return pd.DataFrame(rows).sort_values(order, na_position="first").reset_index(drop=True)
 
 
 def mcnemar(frame: pd.DataFrame, config_a: str, config_b: str) -> dict[str, float]:
@@ -286,18 +378,28 @@ def attention_per_document(
     sample: QASample,
     head: Head,
     *,
-    tau: float,
+    tau: float | None = None,
+    directions: FocusDirections | None = None,
+    alpha: float | None = None,
     heads: Sequence[Head] | None = None,
     max_new_tokens: int = 32,
 ) -> dict[str, object]:
-    """One head's attention mass on each document, from the answer rows, without and with
-    split-softmax (on `heads`, default: that head alone) — both decoded from one prefill."""
+    """One head's attention mass on each document, from the answer rows, without and with an
+    intervention on `heads` (default: that head alone) — split-softmax with `tau`, or focus
+    directions with `alpha` on the response rows — both decoded from one prefill."""
     if sample.gold_span is None:
-        raise ValueError(f"sample {sample.id} has no gold document to re-weight")
+        raise ValueError(f"sample {sample.id} has no gold document")
+    if (tau is None) == (directions is None or alpha is None):
+        raise ValueError("give either tau (split-softmax) or directions and alpha (focus directions)")
     spans = {f"doc{i}": s for i, s in enumerate(sample.doc_spans)}
     prefix = prefill(model, sample.input_ids)
     before = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
-    with split_softmax(model, heads or [head], sample.gold_span, tau, from_pos=sample.n_tokens - 1):
+    chosen = heads or [head]
+    if tau is not None:
+        ctx = split_softmax(model, chosen, sample.gold_span, tau, from_pos=sample.n_tokens - 1)
+    else:
+        ctx = focus_directions(model, directions, chosen, alpha, from_pos=sample.n_tokens - 1)
+    with ctx:
         after = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
     layer, h = head
 

@@ -201,3 +201,78 @@ def test_training_raises_the_relevant_score_deterministically(tiny, placement):
         boosted = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
     for l, h in HEADS:
         assert boosted[l, h] > plain[l, h]
+
+
+def test_activation_cache_round_trip_resume_and_errors(tmp_path):
+    """The on-disk cache on a tiny model reading real NQ prompts: what it returns equals a fresh
+    collection; an interrupted build resumes at the missing example only; bad files fail clearly."""
+    from conftest import build_tiny
+
+    from fdlib.directions import ActivationCache, CachedActivations, build_activation_cache, collect_activations
+    from safetensors import safe_open
+
+    tiny = build_tiny(max_position_embeddings=4096)
+    cache = ActivationCache(tmp_path, tiny.model, "long", dtype=torch.float32)
+    examples = build_activation_cache(tiny.model, cache, size=3, n_docs=3, max_new_tokens=4, progress=False)
+    assert 1 <= len(examples) <= 3 and not list(cache.dir.glob(".*"))  # no temp file left behind
+    heads = [(0, 1), (1, 3)]
+    for ex in examples:
+        ids = safe_open(str(ex.path), "pt").get_tensor("tokens")
+        assert ex.span.end <= ex.response_start < ex.n_tokens == len(ids)
+        for placement in ("post_rope", "pre_rope"):
+            want = collect_activations(tiny.model, ids, ex.response_start, ex.span, heads, placement)
+            got = cache.read(ex, heads, placement)
+            torch.testing.assert_close(got.q, want.q, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got.k, want.k, atol=1e-5, rtol=0)
+    lazy = CachedActivations(cache, examples, heads, "post_rope")
+    assert len(lazy) == len(examples) and lazy[0].q.shape[0] == 2
+    # resume: remove one example; a rebuild recomputes that one and leaves the others untouched
+    files = sorted(cache.dir.glob("*.safetensors"))
+    stamps = {p: p.stat().st_mtime_ns for p in files[1:]}
+    files[0].unlink()
+    again = build_activation_cache(tiny.model, cache, size=3, n_docs=3, max_new_tokens=4, progress=False)
+    assert [e.id for e in again] == [e.id for e in examples] and files[0].exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert cache.nbytes() == sum(p.stat().st_size for p in files)
+    files[1].write_bytes(files[1].read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable fdlib activation file"):
+        cache.example(files[1].stem)
+    other = ActivationCache(tmp_path, build_tiny(seed=1).model, "long")
+    assert other.dir == cache.dir  # same name (both tiny) ...
+    with pytest.raises(ValueError, match="training_set"):
+        ActivationCache(tmp_path, tiny.model, "short")
+
+
+def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
+    """The view's bias, read from the model's scores, equals alpha * d_Q . k_j * scale plus a
+    row constant, computed from the cached keys by hand."""
+    from conftest import fake_samples
+
+    from fdlib.directions import key_bias
+
+    s = fake_samples(1)[0]
+    dirs = random_dirs(tiny, "post_rope", scale=1.0)
+    l, h = HEADS[0]
+    bias = key_bias(tiny.model, s, dirs, (l, h), 0.8)
+    prefix = prefill(tiny.model, s.input_ids)
+    with torch.no_grad():
+        tiny.model(s.input_ids[None, -1:], past_key_values=prefix.cache, return_type=None)
+    keys = prefix.cache.layers[l].keys[0, h // 2].float()  # [T, d]
+    want = 0.8 * keys @ dirs.d_q[l, h] * tiny.model.cfg.d_head ** -0.5
+    diff = bias - want
+    torch.testing.assert_close(diff, diff[:1].expand_as(diff), atol=1e-4, rtol=0)  # equal up to a constant
+
+
+def test_focus_table_shape_and_direction(tiny):
+    from conftest import fake_samples
+
+    from fdlib.directions import focus_table, train_focus_directions
+
+    acts = planted_activations(tiny)
+    trained = train_focus_directions(tiny.model, acts, HEADS, lr=0.3, epochs=10, progress=False).directions
+    samples = fake_samples(3) + fake_samples(2, "gold")
+    t = focus_table(tiny.model, samples, trained, HEADS, 1.0, progress=False)
+    assert set(t.index.get_level_values("case")) == {"long", "gold"}
+    assert set(t.index.get_level_values("directions")) == {"without", "alpha=1"}
+    assert {"R", "IR", "IR-max", "Sink", "EM", "n"} <= set(t.columns)
+    assert len(t) == 2 * 2 * len(HEADS)

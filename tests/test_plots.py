@@ -1,6 +1,7 @@
 import shutil
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -87,3 +88,26 @@ def test_doc_attention_marks_gold():
     assert list(fig.data[1].y) == [0.05, 0.6, 0.1] and "L3H2" in fig.layout.title.text
     with pytest.raises(ValueError):
         plots.doc_attention([0.1], [0.1, 0.2], 0, head="x")
+
+
+def test_em_vs_k_alpha_lines_skip_other_methods():
+    t = em_table_fixture()
+    t["alpha"] = np.nan
+    extra = t[t.heads != "none"].copy()
+    extra["tau"], extra["alpha"] = np.nan, 0.5
+    both = pd.concat([t, extra], ignore_index=True)
+    names = [d.name for d in plots.em_vs_k(both, param="alpha").data]
+    assert names[:2] == ["alpha=0.5, contextual", "alpha=0.5, random"] and not any("tau" in n for n in names)
+    with pytest.raises(ValueError, match="param"):
+        plots.em_vs_k(both, param="k")
+
+
+def test_key_bias_and_loss_curves():
+    fig = plots.key_bias([0.5, 0.1, 0.2, 0.3, 0.4], list("abcde"), [(1, 3), (3, 5)], 1, head="L1H2")
+    by_name = {d.name: d for d in fig.data}
+    assert list(by_name["sink"].x) == [0] and list(by_name["doc 2 (gold)"].x) == [3, 4]
+    assert "L1H2" in fig.layout.title.text and "%{customdata[0]}" in fig.data[0].hovertemplate
+    with pytest.raises(ValueError, match="outside"):
+        plots.key_bias([0.1, 0.2], ["a", "b"], [(1, 3)], None, head="x")
+    fig = plots.loss_curves({"gold": [-0.1, -0.2], "long": [-0.05, -0.06]})
+    assert [d.name for d in fig.data] == ["gold", "long"] and list(fig.data[0].x) == [1, 2]

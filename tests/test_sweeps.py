@@ -103,3 +103,49 @@ def test_intervention_changes_scores_in_the_expected_direction(tiny, tmp_path):
         base, up, down = (rows[(q.id, c.key)].arrays["gold_score"] for c in cfgs)
         for l, h in RANKED:  # tau < 1 raises the gold share of the chosen heads, tau > 1 lowers it
             assert up[l, h] > base[l, h] > down[l, h]
+
+
+def test_focus_configs_keys_and_validation():
+    c = SweepConfig(alpha=0.3, directions="gold-post", heads="random", k=5, seed=1)
+    assert c.key == "focus|gold-post|alpha=0.3|random|k=5|seed=1" and c.method == "focus"
+    assert SweepConfig(alpha=-0.2, directions="d", heads="contextual", k=2, rows="all").key == "focus|d|alpha=-0.2|contextual|k=2|rows=all"
+    for kw, match in [
+        (dict(alpha=0.3, heads="contextual", k=1), "name of a directions set"),
+        (dict(alpha=0.3, tau=0.5, directions="d", heads="contextual", k=1), "one intervention"),
+        (dict(alpha=float("nan"), directions="d", heads="contextual", k=1), "finite"),
+        (dict(tau=0.5, heads="contextual", k=1, rows="all"), "split-softmax takes no"),
+        (dict(alpha=0.3, directions="d", heads="contextual", k=1, rows="some"), "rows must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SweepConfig(**kw)
+    grid = sweeps.focus_grid("full", directions="d", random_alphas=(0.5,))
+    assert len(grid) == 3 + 8 * 6 + 6 and 0.0 not in {c.alpha for c in grid}
+
+
+def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
+    from test_directions import random_dirs
+
+    from fdlib.decoding import decode, prefill
+    from fdlib.directions import focus_directions
+
+    qs = questions(2)
+    dirs = random_dirs(tiny, "post_rope", scale=2.0)
+    cfgs = [SweepConfig(), SweepConfig(alpha=1.0, directions="r", heads="contextual", k=3),
+            SweepConfig(alpha=1.0, directions="r", heads="contextual", k=3, rows="all"),
+            SweepConfig(alpha=1.0, directions="r", heads="random", k=3, seed=0)]
+    with pytest.raises(ValueError, match="needs directions 'r'"):
+        run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "x.sqlite", progress=False)
+    run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "f.sqlite", progress=False, directions={"r": dirs})
+    rows = {(r.sample_id, r.record["config"]): r for r in Store(tmp_path / "f.sqlite").rows()}
+    for q in qs:
+        s = q.long
+        with focus_directions(tiny.model, dirs, RANKED[:3], 1.0, from_pos=0):  # an independent full re-run
+            want_all = decode(tiny.model, prefill(tiny.model, s.input_ids, fast=False), max_new_tokens=32).text
+        with focus_directions(tiny.model, dirs, RANKED[:3], 1.0, from_pos=s.n_tokens - 1):
+            want_resp = decode(tiny.model, prefill(tiny.model, s.input_ids, fast=False), max_new_tokens=32).text
+        assert rows[(q.id, cfgs[2].key)].record["answer"] == want_all
+        assert rows[(q.id, cfgs[1].key)].record["answer"] == want_resp
+        base, steered = rows[(q.id, cfgs[0].key)].arrays["gold_score"], rows[(q.id, cfgs[1].key)].arrays["gold_score"]
+        assert any(abs(float(steered[l, h] - base[l, h])) > 1e-4 for l, h in RANKED[:3])
+    t = sweeps.em_table(sweep_frame(tmp_path / "f.sqlite"))
+    assert set(t.method) == {"baseline", "focus"} and set(t[t.method == "focus"].rows) == {"response", "all"}
