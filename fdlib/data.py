@@ -176,7 +176,7 @@ class QASample:
         return spans
 
 
-def _char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, what: str) -> Span:
+def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, what: str) -> Span:
     """The token span whose characters are exactly [start, end): boundaries must fall between
     tokens, else the span would be fuzzy and we refuse it."""
     first = next((t for t, (s, e) in enumerate(offsets) if s == start and e > s), None)
@@ -203,6 +203,19 @@ def render_prompt(question: str, documents: Sequence[Document]) -> tuple[str, li
     return "".join(parts), doc_chars, (q_start, q_start + len(q_line))
 
 
+def chat_text(tokenizer: Any, content: str) -> tuple[str, int]:
+    """`content` as the user turn of the tokenizer's chat template (with the generation prompt),
+    and the character offset where `content` starts in it; plain `content` without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return content, 0
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    if text.count(content) != 1:
+        raise ValueError("the chat template does not contain the prompt exactly once")
+    return text, text.index(content)
+
+
 def build_sample(
     tokenizer: Any,
     example: NQExample,
@@ -213,22 +226,14 @@ def build_sample(
 ) -> QASample:
     """Tokenise the prompt inside the tokenizer's chat template and locate every span."""
     content, doc_chars, q_chars = render_prompt(example.question, documents)
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        if text.count(content) != 1:
-            raise ValueError("the chat template does not contain the prompt exactly once")
-        shift = text.index(content)
-    else:
-        text, shift = content, 0
+    text, shift = chat_text(tokenizer, content)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [tuple(o) for o in enc["offset_mapping"]]
     doc_spans = tuple(
-        _char_span_to_tokens(offsets, s + shift, e + shift, f"{sample_id} document {i + 1}")
+        char_span_to_tokens(offsets, s + shift, e + shift, f"{sample_id} document {i + 1}")
         for i, (s, e) in enumerate(doc_chars)
     )
-    q_span = _char_span_to_tokens(offsets, q_chars[0] + shift, q_chars[1] + shift, f"{sample_id} question")
+    q_span = char_span_to_tokens(offsets, q_chars[0] + shift, q_chars[1] + shift, f"{sample_id} question")
     return QASample(
         id=sample_id,
         variant=variant,

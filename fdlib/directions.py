@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 from collections import abc
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
@@ -30,6 +28,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from fdlib.decoding import hooks
 from fdlib.interventions import Head, check_heads
 from fdlib.models import model_name
+from fdlib.store import atomic_write
 
 Placement = Literal["post_rope", "pre_rope"]
 TrainingSet = Literal["gold", "long"]
@@ -86,17 +85,8 @@ class FocusDirections:
             "format": FORMAT, "model_name": self.model_name, "placement": self.placement,
             "training_set": self.training_set, "split_seed": self.split_seed, "settings": self.settings,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(
-                {"d_q": self.d_q.detach().float().contiguous(), "d_k": self.d_k.detach().float().contiguous()},
-                tmp, metadata={"fdlib": json.dumps(meta)},
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        tensors = {"d_q": self.d_q.detach().float().contiguous(), "d_k": self.d_k.detach().float().contiguous()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)}))
         return path
 
     @classmethod
@@ -382,15 +372,8 @@ class ActivationCache:
                 "training_set": self.training_set, "response_start": response_start,
                 "span": [span.start, span.end], "answer": answer, "usable": q_layers is not None}
         path = self.path(example_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)})
-            os.replace(tmp, path)  # a crash leaves the old state or the new file, never half a file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # atomic: a crash leaves the old state or the new file, never half a file
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)}))
         return path
 
     def example(self, example_id: str) -> CachedExample | None:

@@ -3,8 +3,6 @@ built from `customdata`; `save_figure` writes interactive HTML and a static PNG.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +11,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
+
+from fdlib.store import atomic_write
 
 
 def _np(x: Tensor | np.ndarray) -> np.ndarray:
@@ -128,19 +128,6 @@ def layer_histogram(
     return fig
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; figures are for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *, png: bool = True) -> list[Path]:
     """Write `{name}.html` (interactive) and `{name}.png` (kaleido, which needs a Chromium:
     Debian's `chromium` package works). Returns the paths.
@@ -154,13 +141,13 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
     if not js.is_file():
         from plotly.offline import get_plotlyjs
 
-        _atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs(), encoding="utf-8"))
+        atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs(), encoding="utf-8"))
     # A fixed div id keeps a regenerated figure byte-identical when its data did not change.
-    _atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs="plotly.min.js", full_html=True, div_id=name))
+    atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs="plotly.min.js", full_html=True, div_id=name))
     written = [html]
     if png:
         target = directory / f"{name}.png"
-        _atomic_write(target, lambda p: fig.write_image(p, format="png", scale=2))
+        atomic_write(target, lambda p: fig.write_image(p, format="png", scale=2))
         written.append(target)
     return written
 
@@ -205,6 +192,8 @@ def em_vs_k(
     # Baselines as legend entries (not annotations): equal baselines would print on top of each other.
     ks = lines.k.dropna()
     x_span = [ks.min(), ks.max()] if len(ks) else [1, 1]
+    if x_span[0] == x_span[1]:  # one k: widen so the baseline lines are visible on the log axis
+        x_span = [x_span[0] / 2, x_span[1] * 2]
     base_style = {"long": ("black", "dot"), "gold": ("#2ca02c", "dashdot"), "negative": ("#7f7f7f", "longdash")}
     for _, b in table[table.heads == "none"].iterrows():
         color, dash = base_style.get(b.input, ("gray", "dot"))
@@ -344,7 +333,7 @@ def explorer_snapshot(
                                  customdata=[f"L{a}H{b}" for a, b in marked],
                                  hovertemplate="%{customdata} (intervened)<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=[h], y=[layer], mode="markers", name="selected head",
-                             marker=dict(symbol="square-open", size=13, line=dict(color="red", width=3)),
+                             marker=dict(symbol="square-open", size=13, color="red", line=dict(width=3)),
                              hovertemplate=f"L{layer}H{h} (selected)<extra></extra>"), row=1, col=1)
     fig.add_trace(bars.data[0], row=1, col=2)
     fig.update_xaxes(title_text="head", dtick=1, row=1, col=1)

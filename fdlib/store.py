@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import tempfile
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -107,3 +109,20 @@ def open_store(store: "str | Path | Store | None") -> Iterator["Store | None"]:
             yield db
     else:
         yield store
+
+
+def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:
+    """Call `write(tmp)` on a temporary file next to `path`, then rename it over `path`: readers
+    see the old file or the new one, never half of one (a crash leaves no partial file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files; results are for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
