@@ -1,4 +1,5 @@
-"""Re-run every notebook top to bottom so each writes its figures into `figures/`.
+"""Re-run every notebook top to bottom so each writes its figures into `figures/`, then
+regenerate the README's gallery and findings table from them.
 
     python -m fdlib.reproduce --size quick     # minutes on a laptop CPU
     python -m fdlib.reproduce --size full      # the real study (hours on a CPU; resumable)
@@ -36,6 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     if not chosen:
         raise SystemExit(f"no notebooks found in {root}")
     run_notebooks(chosen, args.size)
+    from fdlib.gallery import update_readme
+
+    repo = root.parent
+    if (repo / "README.md").exists():
+        update_readme(repo / "README.md", repo / "figures", root)  # the gallery and findings
 
 
 if __name__ == "__main__":

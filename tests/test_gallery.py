@@ -1,0 +1,53 @@
+"""The README gallery is built from what is on disk: every figure of every notebook, findings."""
+
+import json
+
+import pytest
+
+from fdlib import gallery
+
+
+def layout(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "figures").mkdir()
+    for nb in ("01_alpha", "02_beta"):
+        (tmp_path / "notebooks" / f"{nb}.ipynb").write_text("{}")
+    for fig in ("01_a", "01_b", "02_c"):
+        (tmp_path / "figures" / f"{fig}.png").write_bytes(b"png")
+        (tmp_path / "figures" / f"{fig}.html").write_text("<html>")
+    return tmp_path
+
+
+def test_gallery_lists_every_figure_and_the_findings(tmp_path):
+    root = layout(tmp_path)
+    gallery.record_findings("01_alpha", [{"finding": "EM long", "value": 0.0712, "lo": 0.03, "hi": 0.12, "n": 100},
+                                         {"finding": "heads > 0.05", "value": 5}], root / "figures")
+    md = gallery.gallery_markdown(root / "figures", root / "notebooks")
+    for fig in ("01_a", "01_b", "02_c"):
+        assert f"[![{fig}](figures/{fig}.png)](figures/{fig}.html)" in md
+    assert md.index("01_alpha") < md.index("01_a.png") < md.index("02_beta") < md.index("02_c.png")
+    assert "| [`01`](notebooks/01_alpha.ipynb) | EM long | 0.07 | [0.03, 0.12] | 100 |" in md
+    assert "| heads > 0.05 | 5.00 |  |  |" in md
+
+
+def test_update_readme_replaces_only_the_marked_block(tmp_path):
+    root = layout(tmp_path)
+    readme = root / "README.md"
+    readme.write_text(f"intro\n{gallery.START}\nold\n{gallery.END}\nrest\n")
+    assert gallery.update_readme(readme, root / "figures", root / "notebooks")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{gallery.END}\nrest\n") and "old" not in text
+    assert "02_c.png" in text
+    assert not gallery.update_readme(readme, root / "figures", root / "notebooks")  # idempotent
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="gallery:start"):
+        gallery.update_readme(readme, root / "figures", root / "notebooks")
+
+
+def test_bad_findings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="notebook must look like"):
+        gallery.record_findings("alpha", [], tmp_path)
+    with pytest.raises(ValueError, match="needs 'finding' and 'value'"):
+        gallery.record_findings("01_alpha", [{"value": 1}], tmp_path)
+    p = gallery.record_findings("01_alpha", [{"finding": "x", "value": 1, "lo": None}], tmp_path)
+    assert json.loads(p.read_text())["findings"] == [{"finding": "x", "value": 1.0}]
