@@ -28,12 +28,14 @@ from fdlib.scoring import (
     score_sample,
     top_heads,
 )
+from fdlib.retrieval import retrieval_heads, retrieval_scores
 from fdlib.spans import Span
+from fdlib.tasks import TASKS, TaskSample, task_samples
 
 __all__ = [
     "ActivationCache", "Answer", "DEFAULT_MODEL", "FocusDirections", "focus_directions", "focus_table", "key_bias",
     "train_focus_directions", "train_nq_directions", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
     "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
     "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
-    "normalize_answer", "prefill", "qa_samples", "score_dataset", "score_sample", "split_softmax", "top_heads",
+    "normalize_answer", "prefill", "retrieval_heads", "retrieval_scores", "TASKS", "TaskSample", "task_samples", "qa_samples", "score_dataset", "score_sample", "split_softmax", "top_heads",
 ]
