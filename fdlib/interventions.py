@@ -125,3 +125,49 @@ def split_softmax(
     fwd = [(f"blocks.{layer}.attn.hook_pattern", make_hook(h)) for layer, h in sorted(by_layer.items())]
     with hooks(model, fwd):
         yield
+
+
+@contextlib.contextmanager
+def ablate_heads(model: TransformerBridge, heads: Sequence[Head], from_pos: int = 0) -> Iterator[None]:
+    """Zero the chosen heads' outputs at query positions >= `from_pos`.
+
+    A head's output is its slice of the attention output before the output projection,
+    `blocks.{l}.attn.hook_z` (`[batch, pos, head_index, d_head]`; the bridge's alias of the
+    o-projection's input), so zeroing it removes exactly that head's term from the residual
+    stream. `from_pos=0` ablates every row (prefill with `prefill(..., fast=False)` so the prompt
+    rows see it); `from_pos = len(prompt) - 1` ablates the answer rows only and works from a
+    shared fast prefill. Positions are absolute: they count the `past_key_values` handed to the
+    bridge's forward, so a cached decode step is ablated at its true position.
+    """
+    chosen = check_heads(model, heads)
+    if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
+        raise ValueError(f"from_pos must be an int >= 0, got {from_pos!r}")
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in chosen:
+        by_layer.setdefault(layer, []).append(head)
+    offset = {"pos": 0}
+
+    def record_offset(module: Any, args: Any, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        offset["pos"] = int(cache.get_seq_length()) if cache is not None else 0
+
+    def make_hook(idx: list[int]) -> Any:
+        def hook(z: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> Tensor:
+            if z.ndim != 4:
+                raise ValueError(f"{hook.name}: expected [batch, pos, head_index, d_head], got shape {tuple(z.shape)}")
+            start = max(0, from_pos - offset["pos"])
+            if start >= z.shape[1]:
+                return z
+            z = z.clone()
+            z[:, start:, idx, :] = 0.0
+            return z
+
+        return hook
+
+    fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(idx)) for layer, idx in sorted(by_layer.items())]
+    handle = model.register_forward_pre_hook(record_offset, with_kwargs=True)
+    try:
+        with hooks(model, fwd):
+            yield
+    finally:
+        handle.remove()
