@@ -321,21 +321,22 @@ def explorer_snapshot(
     if not (0 <= layer < n_layers and 0 <= h < n_heads):
         raise ValueError(f"head L{layer}H{h} is outside the scores ({n_layers} layers x {n_heads} heads)")
     bars = head_doc_mass(doc_values, gold_index, head=f"L{layer}H{h}", titles=titles)
-    fig = make_subplots(rows=1, cols=2, column_widths=[0.42, 0.58], horizontal_spacing=0.12,
+    spacing, left = 0.18, 0.42  # room between the panels for the colour bar and the bars' axis title
+    fig = make_subplots(rows=1, cols=2, column_widths=[left, 1 - left], horizontal_spacing=spacing,
                         subplot_titles=(f"{score_name} score per head", f"L{layer}H{h}: attention mass per document"))
     hm = heat.data[0]
-    hm.colorbar.update(x=0.40, len=0.9)
+    hm.colorbar.update(x=left * (1 - spacing) + 0.01, xanchor="left", len=0.9)
     fig.add_trace(hm, row=1, col=1)
     if marked:
         m = np.asarray(marked)
         fig.add_trace(go.Scatter(x=m[:, 1], y=m[:, 0], mode="markers", name="intervened heads",
-                                 marker=dict(symbol="x-thin", size=9, line=dict(color="white", width=2)),
+                                 marker=dict(symbol="x", size=9, color="white", line=dict(color="black", width=1)),
                                  customdata=[f"L{a}H{b}" for a, b in marked],
                                  hovertemplate="%{customdata} (intervened)<extra></extra>"), row=1, col=1)
     fig.add_trace(go.Scatter(x=[h], y=[layer], mode="markers", name="selected head",
                              marker=dict(symbol="square-open", size=13, color="red", line=dict(width=3)),
                              hovertemplate=f"L{layer}H{h} (selected)<extra></extra>"), row=1, col=1)
-    fig.add_trace(bars.data[0], row=1, col=2)
+    fig.add_trace(bars.data[0].update(showlegend=False), row=1, col=2)
     fig.update_xaxes(title_text="head", dtick=1, row=1, col=1)
     fig.update_yaxes(title_text="layer", row=1, col=1)
     fig.update_xaxes(title_text="document", row=1, col=2)
