@@ -11,7 +11,7 @@ from fdlib.directions import (
     train_nq_directions,
 )
 from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
-from fdlib.interventions import split_softmax
+from fdlib.interventions import ablate_heads, split_softmax
 from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
 from fdlib.models import DEFAULT_MODEL, ModelNotAvailableError, load_model
 from fdlib.scoring import (
@@ -37,5 +37,5 @@ __all__ = [
     "train_focus_directions", "train_nq_directions", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
     "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
     "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
-    "normalize_answer", "prefill", "retrieval_heads", "retrieval_scores", "TASKS", "TaskSample", "task_samples", "qa_samples", "score_dataset", "score_sample", "split_softmax", "top_heads",
+    "normalize_answer", "prefill", "retrieval_heads", "retrieval_scores", "TASKS", "TaskSample", "task_samples", "qa_samples", "score_dataset", "score_sample", "split_softmax", "ablate_heads", "top_heads",
 ]
