@@ -207,6 +207,25 @@ def hooks(model: TransformerBridge, fwd_hooks: list[tuple[str, Any]]) -> Iterato
                 point.fwd_hooks.remove(handle)
 
 
+@contextlib.contextmanager
+def first_row_position(model: TransformerBridge) -> Iterator[Any]:
+    """Yield a function returning the absolute position of the first query row of the forward
+    in progress: the length of the `past_key_values` handed to the bridge's forward (0 without
+    a cache). Hooks that act on positions >= from_pos use it on full forwards and cached decode
+    steps alike."""
+    state = {"pos": 0}
+
+    def record(module: Any, args: Any, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        state["pos"] = int(cache.get_seq_length()) if cache is not None else 0
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield lambda: state["pos"]
+    finally:
+        handle.remove()
+
+
 @dataclass
 class Answer:
     """A greedy answer: its tokens (no stop token), text, and per-span scores if recorded."""

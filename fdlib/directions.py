@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.decoding import hooks
-from fdlib.interventions import Head, check_heads
+from fdlib.decoding import first_row_position, hooks
+from fdlib.interventions import Head, check_from_pos, check_heads, heads_by_layer
 from fdlib.models import model_name
 from fdlib.store import atomic_write
 
@@ -145,23 +145,15 @@ def focus_directions(
     directions.check(model)
     chosen = check_heads(model, heads)
     alpha = float(alpha)
-    if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
-        raise ValueError(f"from_pos must be an int >= 0, got {from_pos!r}")
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in chosen:
-        by_layer.setdefault(layer, []).append(head)
-    offset = {"pos": 0}
+    check_from_pos(from_pos)
+    by_layer = heads_by_layer(chosen)
     queries: dict[int, Tensor] = {}
-
-    def record_offset(module: Any, args: Any, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        offset["pos"] = int(cache.get_seq_length()) if cache is not None else 0
 
     def add_q(layer: int, idx: list[int]):
         d = (alpha * directions.d_q[layer, idx]).to(model.cfg.dtype)  # [n_chosen, d_head]
 
         def hook(q: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> Tensor:
-            start = max(0, from_pos - offset["pos"])
+            start = max(0, from_pos - first_row())
             if start < q.shape[1]:
                 q = q.clone()
                 q[:, start:, idx, :] += d.to(q.device)
@@ -203,12 +195,10 @@ def focus_directions(
         if directions.placement == "pre_rope":
             fwd.append((f"blocks.{layer}.attn.hook_rot_q", keep_rotated_q(layer)))
         fwd.append((f"blocks.{layer}.attn.hook_attn_scores", add_k(layer, idx)))
-    handle = model.register_forward_pre_hook(record_offset, with_kwargs=True)
     try:
-        with hooks(model, fwd):
+        with first_row_position(model) as first_row, hooks(model, fwd):
             yield
     finally:
-        handle.remove()
         queries.clear()
 
 

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.decoding import hooks
+from fdlib.decoding import first_row_position, hooks
 from fdlib.spans import Span
 
 Head = tuple[int, int]
@@ -31,6 +31,20 @@ def check_heads(model: TransformerBridge, heads: Sequence[Head]) -> list[Head]:
         if (layer, head) not in out:
             out.append((layer, head))
     return out
+
+
+def check_from_pos(from_pos: int) -> int:
+    if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
+        raise ValueError(f"from_pos must be an int >= 0, got {from_pos!r}")
+    return from_pos
+
+
+def heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """{layer: [head, ...]} in the order given: one hook per layer serves all its heads."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    return by_layer
 
 
 def check_tau(tau: float) -> float:
@@ -97,11 +111,8 @@ def split_softmax(
     chosen = check_heads(model, heads)
     if not isinstance(span, Span):
         raise ValueError(f"span must be an fdlib.Span, got {span!r}")
-    if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
-        raise ValueError(f"from_pos must be an int >= 0, got {from_pos!r}")
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in chosen:
-        by_layer.setdefault(layer, []).append(head)
+    check_from_pos(from_pos)
+    by_layer = heads_by_layer(chosen)
 
     def make_hook(head_idx: list[int]) -> Any:
         def hook(pattern: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> Tensor:
@@ -140,22 +151,13 @@ def ablate_heads(model: TransformerBridge, heads: Sequence[Head], from_pos: int 
     bridge's forward, so a cached decode step is ablated at its true position.
     """
     chosen = check_heads(model, heads)
-    if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
-        raise ValueError(f"from_pos must be an int >= 0, got {from_pos!r}")
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in chosen:
-        by_layer.setdefault(layer, []).append(head)
-    offset = {"pos": 0}
-
-    def record_offset(module: Any, args: Any, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
-        offset["pos"] = int(cache.get_seq_length()) if cache is not None else 0
-
+    check_from_pos(from_pos)
+    by_layer = heads_by_layer(chosen)
     def make_hook(idx: list[int]) -> Any:
         def hook(z: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> Tensor:
             if z.ndim != 4:
                 raise ValueError(f"{hook.name}: expected [batch, pos, head_index, d_head], got shape {tuple(z.shape)}")
-            start = max(0, from_pos - offset["pos"])
+            start = max(0, from_pos - first_row())
             if start >= z.shape[1]:
                 return z
             z = z.clone()
@@ -165,9 +167,5 @@ def ablate_heads(model: TransformerBridge, heads: Sequence[Head], from_pos: int 
         return hook
 
     fwd = [(f"blocks.{layer}.attn.hook_z", make_hook(idx)) for layer, idx in sorted(by_layer.items())]
-    handle = model.register_forward_pre_hook(record_offset, with_kwargs=True)
-    try:
-        with hooks(model, fwd):
-            yield
-    finally:
-        handle.remove()
+    with first_row_position(model) as first_row, hooks(model, fwd):
+        yield
