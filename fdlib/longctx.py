@@ -17,6 +17,7 @@ length above the model's context window is refused before any sample is built.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,7 +36,13 @@ from fdlib.data import NQBuilder, QASample
 from fdlib.decoding import Answer, Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
-from fdlib.interventions import Head, ablate_heads, check_heads, check_tau, split_softmax
+from fdlib.interventions import (
+    Head,
+    ablate_heads,
+    check_heads,
+    check_tau,
+    split_softmax,
+)
 from fdlib.models import model_name
 from fdlib.spans import Span
 from fdlib.store import Row, Store
@@ -176,6 +184,13 @@ class StudySample:
     @property
     def n_tokens(self) -> int:
         return self.sample.n_tokens
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the prompt's token ids: stored with each row, so a resumed run notices a
+        sample id whose prompt changed (another generator version, tokenizer or seed)."""
+        ids = self.sample.input_ids.to("cpu", dtype=torch.int64).numpy().tobytes()
+        return hashlib.sha1(ids).hexdigest()[:16]
 
     @property
     def relevant_span(self) -> Span:
@@ -380,6 +395,23 @@ def _check_stored_heads(db: Store, conditions: Sequence[Condition], checked: Map
             )
 
 
+def _check_stored_prompts(db: Store, samples: Sequence[StudySample], tag: str) -> None:
+    """A row is keyed by sample id, not by prompt: refuse to resume rows decoded from another
+    prompt under the same id (e.g. stored before a task generator changed) rather than mix them."""
+    wanted = {s.id: s.fingerprint for s in samples}
+    for row in db.rows():
+        want = wanted.get(row.sample_id)
+        if want is None or not row.config.startswith(f"{tag}|"):
+            continue
+        stored = row.record.get("prompt_sha")
+        if stored != want:
+            found = f"prompt {stored}" if stored else "no prompt fingerprint (an older fdlib)"
+            raise ValueError(
+                f"{db.path}: stored rows of sample {row.sample_id!r} have {found}, this run's prompt is {want}: "
+                "the sample changed since they were decoded; use another store or delete this one"
+            )
+
+
 def config_tag(model: TransformerBridge, max_new_tokens: int) -> str:
     return f"{model_name(model)}|greedy{max_new_tokens}"
 
@@ -411,6 +443,7 @@ def run_conditions(
     with _opened(store) as db:
         done = db.keys()
         _check_stored_heads(db, conditions, checked, tag)
+        _check_stored_prompts(db, samples, tag)
         todo = [(s, [c for c in conditions if (s.id, f"{tag}|{c.key}") not in done]) for s in samples]
         todo = [(s, pending) for s, pending in todo if pending]
         for s, pending in tqdm(todo, desc=desc, unit="sample", disable=not progress):
@@ -431,6 +464,7 @@ def run_conditions(
                     **s.meta, **asdict(c), "condition": c.key, "label": c.label, "identity": c.identity,
                     "model": model_name(model), "answer": answer.text, "score": s.score(answer.text),
                     "n_answer_tokens": len(answer.tokens), "head_list": [f"L{l}H{h}" for l, h in used],
+                    "prompt_sha": s.fingerprint,
                 }
                 arrays = {f"{name}_score": v.numpy() for name, v in answer.scores.items()}
                 rows.append(Row(s.id, f"{tag}|{c.key}", record, arrays))

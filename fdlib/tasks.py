@@ -15,6 +15,10 @@ for the answer: decoding needs `n_tokens + max_new_tokens` within the model's wi
   BM25 distractors as fit the length.
 - `rerank_nq`: the NQ gold passage among BM25 distractors, each with a numeric ID; the model
   ranks the IDs; scored by NDCG@10 with the gold passage as the only relevant item.
+- `icl_nq`: many-shot in-context classification (HELMET's ICL category with synthetic data): NQ
+  questions labelled by their answer type (person, date, place, quantity, thing; read off the
+  question's first words), each type mapped to a random two-digit label per sample, so the
+  mapping can only be learned from the demonstrations.
 
 Filler is added whole sentence by sentence (passages and documents are cut only at a sentence
 end), then the prompt is tokenised and the budget corrected until the length fits. Spans come from
@@ -29,8 +33,9 @@ not ship:
   with an LLM judge (GPT-4o) or ROUGE against human references;
 - citation generation (ALCE ASQA / QAMPARI): needs the ALCE retrieval corpora, and its
   citation recall/precision are judged by an NLI model (TRUE-T5-11B);
-- many-shot in-context learning (TREC, NLU, BANKING77, CLINC150): the labelled datasets are hub
-  downloads (a synthetic-label version would be possible offline but is not implemented);
+- many-shot in-context learning on TREC, NLU, BANKING77 or CLINC150: the labelled datasets are
+  hub downloads (`icl_nq` is a synthetic stand-in with five classes: closest to TREC coarse,
+  which also classifies questions by answer type);
 - re-ranking on MS MARCO with graded relevance: replaced here by NQ passages with one relevant
   passage, so NDCG@10 reduces to 1 / log2(1 + rank of the gold ID);
 - RAG on HotpotQA / TriviaQA / PopQA (KILT): only NQ-open is shipped;
@@ -110,6 +115,25 @@ _RERANK_INSTRUCTION = (
     "relevant texts. Include all documents in the rankings. Write your answer using the unique "
     "IDs, with the following format:\nRanking: ID3 > ID1 > ID2"
 )
+_ICL_INSTRUCTION = (
+    "Use the provided mapping from the questions to their numerical labels to assign a numerical "
+    "label to the last question. Only output \"Label: {label}\" and nothing else."
+)
+_ICL_ANSWER_PREFIX = "Label:"
+# Answer types read off a question's opening (NQ-open is lower case); first match wins, so
+# "what year" is a date before "what" is a thing. Questions opening otherwise are not used.
+ICL_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("person", re.compile(r"^(who|whom|whose|who's)\b")),
+    ("date", re.compile(r"^(when|what year|what date|what day|what month|what time)\b")),
+    ("place", re.compile(r"^where\b")),
+    ("quantity", re.compile(r"^(how (many|much|long|old|far|big|tall|high|deep|fast)|what percentage)\b")),
+    ("thing", re.compile(r"^(what|which|what's)\b")),
+)
+# Answer prefixes (RULER's way, after the chat template's assistant header): without them
+# SmolLM2 restates the JSON key and runs out of answer tokens, or ranks by ordinal ("Ranking: 2")
+# or copies the format example ("3 > ID1 > ID2"); after "[ID:" it writes one of the prompt's IDs.
+_JSON_ANSWER_PREFIX = "Corresponding value:"
+_RERANK_ANSWER_PREFIX = "Ranking: [ID:"
 # A sentence ends at . ! or ? followed by whitespace and what can start a sentence.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 
@@ -572,7 +596,9 @@ def _uuid(rng: random.Random) -> str:
     return str(uuid.UUID(int=rng.getrandbits(128), version=4))
 
 
-def _render_json(filler: _Filler, target: str, key: str, question: str, depth: float, chosen: list[int]) -> _Rendered:
+def _render_json(
+    filler: _Filler, target: str, key: str, question: str, prefix: str, depth: float, chosen: list[int]
+) -> _Rendered:
     lines = [filler.texts[j] for j in chosen]
     at = _boundary([filler.costs[j] for j in chosen], depth)
     lines.insert(at, target)
@@ -583,8 +609,9 @@ def _render_json(filler: _Filler, target: str, key: str, question: str, depth: f
         out.add(" ,\n" if j < len(lines) - 1 else "\n")
     out.add("}\n\n")
     out.add(question, "question")
-    out.add("\nCorresponding value:")
-    return _Rendered(out.content(), out.chars, {"key": key, "n_pairs": len(lines)})
+    if not prefix:
+        out.add("\n" + _JSON_ANSWER_PREFIX)  # HELMET's prompt ends the user turn with it
+    return _Rendered(out.content(), out.chars, {"key": key, "n_pairs": len(lines)}, answer_prefix=prefix)
 
 
 def json_kv_task(
@@ -595,9 +622,12 @@ def json_kv_task(
     depth: float | None = None,
     seed: int = 0,
     max_context: int | None = None,
+    answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """A JSON object of random UUID keys and values, one pair per line; the value of one key is
     asked. The relevant span is exactly the text `"key": "value"` of the asked pair.
+    `answer_prefix`: the model's turn begins with `Corresponding value:` (else, as in HELMET, the
+    user turn ends with it).
 
     The pairs are separated by ` ,` (a space before the comma, valid JSON): a closing quote
     directly followed by a comma is one token in byte-level BPE vocabularies, so the pair would
@@ -617,7 +647,8 @@ def json_kv_task(
         filler = _make_filler(tokenizer, list(range(len(pairs))), pairs, [p + " ," for p in pairs])
         question = f'Key: "{key}"'
 
-        render = partial(_render_json, filler, target, key, question, depths[i])
+        prefix = _JSON_ANSWER_PREFIX if answer_prefix else ""
+        render = partial(_render_json, filler, target, key, question, prefix, depths[i])
         sample_id = f"json_kv/{n_tokens}/s{seed}/{i}"
         rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
         out.append(_sample("json_kv", sample_id, enc, rendered, answers=[value], question=question, depth=depths[i]))
@@ -628,11 +659,13 @@ def json_kv_task(
 # NQ: RAG and re-ranking
 
 
-def _nq_questions(builder: NQBuilder, split: str, seed: int, n: int) -> list[NQExample]:
-    """The first n questions of a seeded permutation of the split."""
-    pool = split_examples(builder.examples, split)  # type: ignore[arg-type]
+def _nq_questions(
+    builder: NQBuilder, split: str, seed: int, n: int, keep: Callable[[NQExample], bool] | None = None
+) -> list[NQExample]:
+    """The first n questions (those `keep` accepts) of a seeded permutation of the split."""
+    pool = [e for e in split_examples(builder.examples, split) if keep is None or keep(e)]  # type: ignore[arg-type]
     if n > len(pool):
-        raise ValueError(f"size {n} exceeds the {len(pool)} questions of the {split} split")
+        raise ValueError(f"size {n} exceeds the {len(pool)} usable questions of the {split} split")
     random.Random(f"fdlib.tasks:nq:{seed}").shuffle(pool)
     return pool[:n]
 
@@ -714,7 +747,8 @@ def rag_task(
 
 
 def _render_rerank(
-    filler: _Filler, docs: list[Document], ids: list[str], example: NQExample, depth: float, chosen: list[int]
+    filler: _Filler, docs: list[Document], ids: list[str], example: NQExample, prefix: str, depth: float,
+    chosen: list[int],
 ) -> _Rendered:
     shown, costs = _chosen_docs(filler, chosen, docs)
     shown_ids = [ids[g] for g in dict.fromkeys(filler.groups[j] for j in chosen)]  # same order as shown
@@ -729,8 +763,10 @@ def _render_rerank(
     out.chars["relevant"] = out.chars[f"doc{gold}"]
     out.add("\n")
     out.add(f"Query: {example.question}", "question")
-    out.add("\nRanking:")
-    return _Rendered(out.content(), out.chars, {"ids": tuple(doc_ids), "documents": tuple(documents), "gold_index": gold})
+    if not prefix:
+        out.add("\nRanking:")
+    return _Rendered(out.content(), out.chars, {"ids": tuple(doc_ids), "documents": tuple(documents), "gold_index": gold},
+                     answer_prefix=prefix)
 
 
 def rerank_task(
@@ -743,9 +779,12 @@ def rerank_task(
     split: str = "test",
     builder: NQBuilder | None = None,
     max_context: int | None = None,
+    answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """Re-ranking (HELMET's MS MARCO format, on NQ): the gold passage among BM25 distractors, each
     line `[ID: 12345] Document (Title: ...): ...`; the model writes `Ranking: ID > ID > ...`.
+    `answer_prefix`: the model's turn begins with `Ranking:` and the first ID's start (else,
+    as in HELMET, the user turn ends with `Ranking:`).
 
     `answers` is the gold ID, `info["ids"]` every ID in prompt order (`info["documents"]` the
     passages, `info["gold_index"]` the gold one's position); the relevant span is the gold
@@ -764,10 +803,110 @@ def rerank_task(
         )
         # One fixed ID per document (the gold one last), so IDs do not move while fitting.
         ids = [str(x) for x in rng.sample(range(10_000, 100_000), len(docs) + 1)]
-        render = partial(_render_rerank, filler, docs, ids, example, depths[i])
+        prefix = _RERANK_ANSWER_PREFIX if answer_prefix else ""
+        render = partial(_render_rerank, filler, docs, ids, example, prefix, depths[i])
         sample_id = f"rerank_nq/{n_tokens}/s{seed}/{example.id}"
         rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
         out.append(_sample("rerank_nq", sample_id, enc, rendered, answers=[ids[-1]], question=example.question, depth=depths[i]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Many-shot in-context classification
+
+
+def answer_type(question: str) -> str | None:
+    """The `icl_nq` class of a question (person, date, place, quantity, thing), or None."""
+    q = " ".join(question.lower().split())
+    return next((name for name, pattern in ICL_CLASSES if pattern.match(q)), None)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _demo(question: str, label: int) -> str:
+    return f"Question: {question}\nLabel: {label}"
+
+
+def _render_icl(
+    filler: _Filler, target: str, question: str, prefix: str, info: dict[str, Any], depth: float, chosen: list[int]
+) -> _Rendered:
+    demos = [filler.texts[j] for j in chosen]
+    at = _boundary([filler.costs[j] for j in chosen], depth)
+    demos.insert(at, target)
+    out = _Text()
+    out.add(_ICL_INSTRUCTION + "\n\n")
+    for j, demo in enumerate(demos):
+        out.add(demo, "relevant" if j == at else None)
+        out.add("\n\n")
+    out.add(f"Question: {question}", "question")
+    if not prefix:
+        out.add("\n" + _ICL_ANSWER_PREFIX)
+    return _Rendered(out.content(), out.chars, {**info, "n_shots": len(demos), "relevant_index": at}, answer_prefix=prefix)
+
+
+def icl_task(
+    tokenizer: Any,
+    *,
+    n_tokens: int,
+    size: str | int = "quick",
+    depth: float | None = None,
+    seed: int = 0,
+    split: str = "test",
+    builder: NQBuilder | None = None,
+    max_context: int | None = None,
+    answer_prefix: bool = True,
+) -> list[TaskSample]:
+    """Many-shot in-context classification: as many labelled demonstrations as fit
+    (`Question: ...` / `Label: 37`), then an unlabelled question from the `split`.
+
+    Classes are the questions' answer types (`ICL_CLASSES`), mapped per sample to distinct random
+    two-digit labels (`info["labels"]`); demonstrations come from the other NQ questions (either
+    split: the label is a property of the wording, not of the answer), classes taken in turn so
+    they stay balanced. ICL has no single gold passage: the relevant span is the demonstration
+    of the asked class that shares the most words with the question (what a nearest-neighbour
+    reader would copy its label from), placed at `depth`; the other same-class demonstrations
+    carry the label too, so the relevant score is a lower bound on the attention the answer can
+    use. `answer_prefix`: the model's turn begins with `Label:` (else the user turn ends with it).
+    """
+    check_context(tokenizer, n_tokens, max_context)
+    tokenizer, _ = _split_model(tokenizer)
+    n = task_size(size)
+    depths = _depths(depth, n, "icl_nq", seed)
+    builder = builder if builder is not None else NQBuilder(tokenizer)
+    names = [name for name, _ in ICL_CLASSES]
+    typed = [(e, answer_type(e.question)) for e in builder.examples]
+    typed = [(e, t) for e, t in typed if t is not None]
+    out = []
+    for i, example in enumerate(_nq_questions(builder, split, seed, n, keep=lambda e: answer_type(e.question) is not None)):
+        rng = _rng("icl_nq", seed, i)
+        labels = dict(zip(names, rng.sample(range(10, 100), len(names))))
+        asked = answer_type(example.question)
+        by_class = {name: [e for e, t in typed if t == name and e.id != example.id] for name in names}
+        words = _words(example.question)
+        # The nearest same-class question by shared words (ties: NQ order), shown at `depth`.
+        nearest = max(by_class[asked], key=lambda e: len(words & _words(e.question)))
+        by_class[asked] = [e for e in by_class[asked] if e.id != nearest.id]
+        for members in by_class.values():
+            rng.shuffle(members)
+        # Classes in turn (a fresh random class order each round), only as many as any length needs.
+        demos: list[str] = []
+        for r in range(max(len(m) for m in by_class.values())):
+            for name in rng.sample(names, len(names)):
+                if r < len(by_class[name]):
+                    demos.append(_demo(by_class[name][r].question, labels[name]))
+            if sum(map(len, demos)) > 8 * n_tokens:  # ~4 characters a token, a wide margin
+                break
+        filler = _make_filler(tokenizer, list(range(len(demos))), demos, [d + "\n\n" for d in demos])
+        target = _demo(nearest.question, labels[asked])
+        info = {"labels": labels, "class": asked, "nearest": nearest.id}
+        prefix = _ICL_ANSWER_PREFIX if answer_prefix else ""
+        render = partial(_render_icl, filler, target, example.question, prefix, info, depths[i])
+        sample_id = f"icl_nq/{n_tokens}/s{seed}/{example.id}"
+        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
+        out.append(_sample("icl_nq", sample_id, enc, rendered, answers=[str(labels[asked])],
+                           question=example.question, depth=depths[i]))
     return out
 
 
@@ -778,6 +917,13 @@ def rerank_task(
 def substring_score(prediction: str, sample: TaskSample) -> float:
     """1.0 when a normalised gold answer occurs in the normalised prediction (best-subspan EM)."""
     return float(best_subspan_em(prediction, sample.answers))
+
+
+def label_score(prediction: str, sample: TaskSample) -> float:
+    """1.0 when the first number in the prediction is the gold label (a list of labels, or a
+    label followed by others, does not count)."""
+    first = re.search(r"\d+", prediction)
+    return float(first is not None and first.group() == sample.answers[0])
 
 
 def parse_ranking(prediction: str, candidates: Sequence[str] = ()) -> list[str]:
@@ -802,6 +948,7 @@ TASKS: dict[str, TaskFn] = {
     "json_kv": json_kv_task,
     "rag_nq": rag_task,
     "rerank_nq": rerank_task,
+    "icl_nq": icl_task,
 }
 SCORERS: dict[str, Callable[[str, TaskSample], float]] = {
     "niah": substring_score,
@@ -809,6 +956,7 @@ SCORERS: dict[str, Callable[[str, TaskSample], float]] = {
     "json_kv": substring_score,
     "rag_nq": substring_score,
     "rerank_nq": ndcg_at_10,
+    "icl_nq": label_score,
 }
 
 

@@ -4,6 +4,8 @@ model, the engine's resume and identity rules, and refusal of over-long inputs b
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,7 +18,7 @@ from fdlib.evaluate import bootstrap_ci
 from fdlib.interventions import ablate_heads
 from fdlib.longctx import BASELINE, Condition, StudySample
 from fdlib.models import model_name
-from fdlib.store import Store
+from fdlib.store import Row, Store
 from fdlib.tasks import TaskSample
 
 RELEVANT = fdlib.Span(10, 16)
@@ -438,6 +440,25 @@ def test_store_of_another_ranking_is_refused(tiny):
         with pytest.raises(ValueError, match="used heads \\['L1H0', 'L0H2'\\], this run uses \\['L0H0', 'L0H2'\\]"):
             longctx.run_conditions(tiny.model, samples, cond, store=db, head_sets={"contextual": [(0, 0), (0, 2)]},
                                    max_new_tokens=2, progress=False)
+
+
+def test_store_of_another_prompt_is_refused(tiny):
+    """Rows are keyed by sample id: a sample whose prompt changed under the same id (a new
+    generator version) must not resume from the old rows."""
+    sample = _task_sample(tiny.tokenizer, 0)
+    changed = StudySample(replace(sample.sample, input_ids=sample.sample.input_ids.flip(0)), sample.meta)
+    assert changed.id == sample.id and changed.fingerprint != sample.fingerprint
+    kw = dict(max_new_tokens=2, progress=False)
+    with Store(":memory:") as db:
+        longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)
+        assert longctx.study_frame(db).prompt_sha.tolist() == [sample.fingerprint]
+        longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)  # same prompt: resumes
+        with pytest.raises(ValueError, match=f"sample {sample.id!r} have prompt {sample.fingerprint}, this run's prompt is {changed.fingerprint}"):
+            longctx.run_conditions(tiny.model, [changed], [BASELINE], store=db, **kw)
+        old = next(iter(db.rows()))
+        db.put([Row(old.sample_id, old.config, {k: v for k, v in old.record.items() if k != "prompt_sha"}, old.arrays)])
+        with pytest.raises(ValueError, match="no prompt fingerprint \\(an older fdlib\\)"):
+            longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)
 
 
 def test_head_scores_table():

@@ -46,7 +46,7 @@ def builder(tok):
 
 
 def _make(name, tok, builder, n_tokens, **kw):
-    if name in ("rag_nq", "rerank_nq"):
+    if name in ("rag_nq", "rerank_nq", "icl_nq"):
         kw["builder"] = builder
     return tasks.task_samples(name, tok, n_tokens, **kw)
 
@@ -72,6 +72,9 @@ def _expected_relevant(name: str, s: TaskSample, builder: NQBuilder) -> str:
         return f"The special magic number for {s.info['keys'][k]} is {s.info['values'][k]}."
     if name == "json_kv":
         return f'"{s.info["key"]}": "{s.answers[0]}"'
+    if name == "icl_nq":
+        nearest = next(e for e in builder.examples if e.id == s.info["nearest"])
+        return f"Question: {nearest.question}\nLabel: {s.answers[0]}"
     gold = s.info["gold_index"]
     doc = s.info["documents"][gold]
     assert doc == builder.examples[int(s.id.rsplit("/nq", 1)[1])].gold  # the question's gold passage
@@ -117,6 +120,47 @@ def test_json_object_parses_and_holds_the_pair(tok):
     body = s.text[s.text.index("JSON data:\n") + len("JSON data:\n"): s.text.index("\n\nKey:")]
     data = json.loads(body)
     assert data[s.info["key"]] == s.answers[0] and len(data) == s.info["n_pairs"]
+
+
+def test_json_and_rerank_answer_prefixes(tok, builder):
+    # The model's turn begins with the prefix; without it the user turn ends with HELMET's cue.
+    (s,) = tasks.json_kv_task(tok, n_tokens=2048, size=1)
+    assert s.text.endswith("<|im_start|>assistant\nCorresponding value:")
+    (bare,) = tasks.json_kv_task(tok, n_tokens=2048, size=1, answer_prefix=False)
+    assert bare.text.endswith("\nCorresponding value:<|im_end|>\n<|im_start|>assistant\n")
+    assert _decoded(tok, bare, bare.relevant_span) == _decoded(tok, s, s.relevant_span)
+    (s,) = tasks.rerank_task(tok, n_tokens=2048, size=1, builder=builder)
+    assert s.text.endswith("<|im_start|>assistant\nRanking: [ID:")
+    assert tasks.score(f" {s.answers[0]}]", s) == 1.0  # what follows the prefix is parsed alone
+    (bare,) = tasks.rerank_task(tok, n_tokens=2048, size=1, builder=builder, answer_prefix=False)
+    assert bare.text.endswith("\nRanking:<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_icl_demonstrations(tok, builder):
+    import collections
+    import re
+
+    for s in tasks.icl_task(tok, n_tokens=2048, size=3, builder=builder):
+        labels = s.info["labels"]
+        assert sorted(labels) == sorted(name for name, _ in tasks.ICL_CLASSES)
+        assert len(set(labels.values())) == len(labels) and all(10 <= v < 100 for v in labels.values())
+        assert s.answers == (str(labels[s.info["class"]]),) and tasks.answer_type(s.question) == s.info["class"]
+        nearest = next(e for e in builder.examples if e.id == s.info["nearest"])
+        assert tasks.answer_type(nearest.question) == s.info["class"] and nearest.question != s.question
+        body = s.text[s.text.index("nothing else.\n\n"): s.text.rindex("Question:")]
+        shots = re.findall(r"Question: (.*)\nLabel: (\d+)", body)
+        assert len(shots) == s.info["n_shots"] > 50
+        assert all(str(labels[tasks.answer_type(q)]) == lab for q, lab in shots)  # every label is right
+        counts = collections.Counter(lab for _, lab in shots).values()
+        assert max(counts) - min(counts) <= 2  # classes in turn (+1 for the relevant demonstration)
+        assert s.question not in {q for q, _ in shots}
+        assert s.text.endswith("<|im_start|>assistant\nLabel:")
+    assert tasks.answer_type("What year did it end") == "date" and tasks.answer_type("what is it") == "thing"
+    assert tasks.answer_type("how many moons") == "quantity" and tasks.answer_type("the last one") is None
+    assert tasks.score(f" {s.answers[0]}", s) == 1.0 and tasks.score(f"Label: {s.answers[0]}.", s) == 1.0
+    wrong = next(str(v) for v in labels.values() if str(v) != s.answers[0])
+    assert tasks.score(wrong, s) == 0.0 and tasks.score(f"{wrong} or {s.answers[0]}", s) == 0.0
+    assert tasks.score("no idea", s) == 0.0
 
 
 def test_rag_is_the_studys_prompt(tok, builder):
