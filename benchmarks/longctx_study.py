@@ -9,6 +9,7 @@
 
     python benchmarks/longctx_study.py --size full                     # 2k, 4k, 8k; the full counts
     python benchmarks/longctx_study.py --study tasks --lengths 2048 4096 --samples 5
+    python benchmarks/longctx_study.py --study tasks --lengths 2048 4096 8192 --samples 20 10 5
     python benchmarks/longctx_study.py --study lost retrieval --questions 20
 
 Resumable: each study writes to its own store under --runs (named by size), and a rerun skips
@@ -44,9 +45,12 @@ def main() -> None:
     ap.add_argument("--study", nargs="+", choices=["tasks", "lost", "retrieval"], default=["tasks", "lost", "retrieval"])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--lengths", nargs="+", type=int, help="prompt + answer budgets (default: the size's)")
-    ap.add_argument("--samples", type=int, help="samples per task and length (default: the size's)")
+    ap.add_argument("--samples", type=int, nargs="+",
+                    help="samples per task and length: one count, or one per length (default: the size's)")
     ap.add_argument("--questions", type=int, help="NQ questions per gold position (lost) and for boost/ablate")
     ap.add_argument("--needles", type=int, help="needle samples ranking the retrieval heads")
+    ap.add_argument("--boost-docs", type=int, nargs="+", default=[20, 1],
+                    help="documents per NQ prompt for boost/ablate (1 = gold only, where the baseline is not ~0)")
     ap.add_argument("--k", type=int, default=20, help="size of the retrieval / contextual / random head sets")
     ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the contextual heads")
     ap.add_argument("--heads-store", help="its store (default: runs/01_contextual_<heads-size>.sqlite)")
@@ -77,12 +81,17 @@ def main() -> None:
     pd.set_option("display.max_columns", None)
 
     if "tasks" in args.study:
-        suite = longctx.task_suite(model, tasks=args.tasks, lengths=args.lengths or longctx.LENGTHS[args.size],
-                                   size=args.samples or args.size)
+        lengths = args.lengths or longctx.LENGTHS[args.size]
+        counts = args.samples or [args.size]
+        if len(counts) not in (1, len(lengths)):
+            ap.error(f"--samples takes one count or one per length ({len(lengths)}), got {len(counts)}")
+        counts = counts * len(lengths) if len(counts) == 1 else counts
+        suite = [s for length, n in zip(lengths, counts)
+                 for s in longctx.task_suite(model, tasks=args.tasks, lengths=[length], size=n)]
         frame = longctx.task_study(model, suite, ranked_heads=ranked, directions=directions,
                                    store=runs / f"longctx_tasks_{tag}.sqlite")
         _print("Table 2: mean score [95% bootstrap CI] per task and length", longctx.table2(frame, ci=True))
-        signs = longctx.versus_baseline(longctx.table2(frame)).replace({1.0: "+", -1.0: "-", 0.0: "="}).fillna("")
+        signs = longctx.versus_baseline(longctx.table2(frame)).astype(object).replace({1.0: "+", -1.0: "-", 0.0: "="}).fillna("")
         _print("vs baseline (+ better, - worse)", signs)
         sinks = longctx.sink_table(frame, ranked[: longctx.SINK_K])
         _print(f"Sink score of the top-{longctx.SINK_K} contextual heads (no intervention)", sinks.round(4))
@@ -109,10 +118,11 @@ def main() -> None:
         k = len(retrieval_top)
         head_sets = {"retrieval": retrieval_top, "contextual": contextual_top[:k],
                      "random": sweeps.random_heads(model.cfg.n_layers, model.cfg.n_heads, k, seed=0)}
-        frame = longctx.boost_ablate(model, head_sets=head_sets, k=k, size=args.questions or args.size,
-                                     store=runs / f"longctx_boost_ablate_{tag}.sqlite")
-        _print(f"NQ EM, 20 documents, boosted (split-softmax tau=0.1) or ablated, k={k}",
-               longctx.condition_table(frame).round(3))
+        for n_docs in args.boost_docs:
+            frame = longctx.boost_ablate(model, head_sets=head_sets, k=k, size=args.questions or args.size, n_docs=n_docs,
+                                         store=runs / f"longctx_boost_ablate_{tag}.sqlite")
+            _print(f"NQ EM, {n_docs} document(s), boosted (split-softmax tau=0.1) or ablated, k={k}",
+                   longctx.condition_table(frame).round(3))
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)
 
 

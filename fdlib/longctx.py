@@ -46,7 +46,7 @@ from fdlib.interventions import (
 from fdlib.models import model_name
 from fdlib.spans import Span
 from fdlib.store import Row, Store
-from fdlib.tasks import TASKS, TaskSample, task_samples
+from fdlib.tasks import NQ_TASKS, TASKS, TaskSample, task_samples
 from fdlib.tasks import score as task_score
 
 Method = Literal["baseline", "split", "focus", "ablate"]
@@ -242,11 +242,11 @@ def task_suite(
     if lengths is None:
         lengths = LENGTHS[size] if isinstance(size, str) else LENGTHS["quick"]
     lengths = check_lengths(model, lengths, max_new_tokens)
-    builder = NQBuilder(model.tokenizer)  # one BM25 index for both NQ tasks
+    builder = NQBuilder(model.tokenizer)  # one BM25 index for the NQ tasks
     out = []
     for length in lengths:
         for name in tasks:
-            extra = {"builder": builder} if name in ("rag_nq", "rerank_nq") else {}
+            extra = {"builder": builder} if name in NQ_TASKS else {}
             for s in task_samples(name, model, n_tokens=length - max_new_tokens, size=n, seed=seed, **extra):
                 out.append(StudySample(s, {"task": name, "length": length, "n_tokens": s.n_tokens, "depth": s.depth}))
     return out

@@ -950,6 +950,7 @@ TASKS: dict[str, TaskFn] = {
     "rerank_nq": rerank_task,
     "icl_nq": icl_task,
 }
+NQ_TASKS = frozenset({"rag_nq", "rerank_nq", "icl_nq"})  # built from NQ: they take `builder=`
 SCORERS: dict[str, Callable[[str, TaskSample], float]] = {
     "niah": substring_score,
     "niah_multikey": substring_score,

@@ -46,7 +46,7 @@ def builder(tok):
 
 
 def _make(name, tok, builder, n_tokens, **kw):
-    if name in ("rag_nq", "rerank_nq", "icl_nq"):
+    if name in tasks.NQ_TASKS:
         kw["builder"] = builder
     return tasks.task_samples(name, tok, n_tokens, **kw)
 
@@ -267,3 +267,10 @@ def test_task_sample_validates_spans():
         TaskSample(relevant_span=fdlib.Span(8, 12), **kw)
     with pytest.raises(ValueError, match="reserved"):
         TaskSample(relevant_span=fdlib.Span(2, 4), extra_spans={"sink": fdlib.Span(1, 2)}, **kw)
+
+
+def test_nq_tasks_are_the_ones_taking_a_builder():
+    import inspect
+
+    takes = {name for name, fn in tasks.TASKS.items() if "builder" in inspect.signature(fn).parameters}
+    assert takes == tasks.NQ_TASKS and set(tasks.SCORERS) == set(tasks.TASKS)
