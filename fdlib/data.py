@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -37,15 +38,21 @@ INSTRUCTION = (
 )
 
 
-def n_samples(size: Size | int) -> int | None:
-    """Number of samples for a size name (None = all), or an explicit count."""
+def sized(table: Mapping[str, Any], size: str | int) -> Any:
+    """The entry of a per-size table (`quick`, `full`), or an explicit positive int passed
+    through: how every study turns its one `size` parameter into a count."""
     if isinstance(size, int) and not isinstance(size, bool):
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         return size
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}: expected one of {sorted(SIZES)} or a positive int")
-    return SIZES[size]
+    if size not in table:
+        raise ValueError(f"unknown size {size!r}: expected one of {sorted(table)} or a positive int")
+    return table[size]
+
+
+def n_samples(size: Size | int) -> int | None:
+    """Number of NQ samples for a size name (None = all), or an explicit count."""
+    return sized(SIZES, size)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.data import NQBuilder, QASample
+from fdlib.data import NQBuilder, QASample, sized
 from fdlib.decoding import Answer, Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
@@ -65,17 +65,6 @@ NEEDLES: dict[str, int] = {"quick": 4, "full": 40}  # needle samples ranking the
 NEEDLE_TOKENS: dict[str, int] = {"quick": 1024, "full": 2048}
 BOOST_QUESTIONS: dict[str, int] = {"quick": 3, "full": 100}
 MAX_NEW_TOKENS = 32
-
-
-def sized(table: Mapping[str, Any], size: str | int) -> Any:
-    """The entry of a per-size table (`quick`, `full`), or an explicit positive int passed through."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        return size
-    if size not in table:
-        raise ValueError(f"unknown size {size!r}: expected one of {sorted(table)} or a positive int")
-    return table[size]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from fdlib.data import (
     chat_text,
     load_nq,
     render_prompt,
+    sized,
     split_examples,
 )
 from fdlib.evaluate import best_subspan_em
@@ -180,13 +181,7 @@ class TaskSample:
 
 def task_size(size: str | int) -> int:
     """Number of samples for a size name or an explicit positive count."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        return size
-    if size not in TASK_SIZES:
-        raise ValueError(f"unknown size {size!r}: expected one of {sorted(TASK_SIZES)} or a positive int")
-    return TASK_SIZES[size]
+    return sized(TASK_SIZES, size)
 
 
 def _rng(task: str, seed: int, index: int) -> random.Random:

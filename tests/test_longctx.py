@@ -70,11 +70,11 @@ def test_condition_keys_labels_and_validation():
 
 
 def test_sized():
-    assert longctx.sized({"quick": 2}, "quick") == 2 and longctx.sized({"quick": 2}, 7) == 7
+    assert fdlib.data.sized({"quick": 2}, "quick") == 2 and fdlib.data.sized({"quick": 2}, 7) == 7
     with pytest.raises(ValueError, match="unknown size 'huge'"):
-        longctx.sized({"quick": 2}, "huge")
+        fdlib.data.sized({"quick": 2}, "huge")
     with pytest.raises(ValueError, match=">= 1"):
-        longctx.sized({"quick": 2}, 0)
+        fdlib.data.sized({"quick": 2}, 0)
 
 
 # --- tables on synthetic results -------------------------------------------------------------
