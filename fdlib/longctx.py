@@ -373,11 +373,12 @@ def _check_setup(
 
 def _check_stored_heads(db: Store, conditions: Sequence[Condition], checked: Mapping[str, list[Head]], tag: str) -> None:
     """A condition's key names its head set and k, not the heads: refuse to resume a store whose
-    rows used other heads (e.g. a ranking from another run) rather than mix the two."""
+    rows used other heads (e.g. a ranking from another run) rather than mix the two. Only the set
+    counts: the same heads in another order are the same intervention."""
     wanted = {f"{tag}|{c.key}": [f"L{l}H{h}" for l, h in checked[c.heads][: c.k]] for c in conditions if c.heads}
     for row in db.rows():
         want = wanted.get(row.config)
-        if want is not None and row.record.get("head_list") != want:
+        if want is not None and sorted(row.record.get("head_list") or []) != sorted(want):
             raise ValueError(
                 f"{db.path}: stored rows of {row.record.get('condition')!r} used heads {row.record.get('head_list')}, "
                 f"this run uses {want}; use another store for another ranking"

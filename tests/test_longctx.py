@@ -440,6 +440,10 @@ def test_store_of_another_ranking_is_refused(tiny):
         with pytest.raises(ValueError, match="used heads \\['L1H0', 'L0H2'\\], this run uses \\['L0H0', 'L0H2'\\]"):
             longctx.run_conditions(tiny.model, samples, cond, store=db, head_sets={"contextual": [(0, 0), (0, 2)]},
                                    max_new_tokens=2, progress=False)
+        # The same two heads ranked in another order: the same intervention, so the rows resume.
+        longctx.run_conditions(tiny.model, samples + [_task_sample(tiny.tokenizer, 1)], cond, store=db,
+                               head_sets={"contextual": [(0, 2), (1, 0)]}, max_new_tokens=2, progress=False)
+        assert len(db) == 2
 
 
 def test_store_of_another_prompt_is_refused(tiny):
