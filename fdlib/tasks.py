@@ -191,10 +191,17 @@ def _rng(task: str, seed: int, index: int) -> random.Random:
     return random.Random(f"fdlib.tasks:{task}:{seed}:{index}")
 
 
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
 def _depths(depth: float | None, n: int, task: str, seed: int) -> list[float]:
-    """The relevant item's depth per sample: fixed, or spread (sample i draws in [i/n, (i+1)/n))."""
+    """The relevant item's depth per sample: fixed, or spread by a golden-ratio sequence from a
+    seeded start. Sample i's depth depends on i only, never on n (a stratified draw in
+    [i/n, (i+1)/n) would give sample i another prompt when a study grows, under the same id),
+    and any first n depths are evenly spread (at most three gap sizes)."""
     if depth is None:
-        return [(i + _rng(task + "/depth", seed, i).random()) / n for i in range(n)]
+        start = _rng(task + "/depth", seed, 0).random()
+        return [(start + i * _GOLDEN) % 1.0 for i in range(n)]
     if isinstance(depth, bool) or not isinstance(depth, (int, float)) or not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be None or a fraction in [0, 1], got {depth!r}")
     return [float(depth)] * n

@@ -258,6 +258,19 @@ def test_bad_arguments(tok):
     assert tasks.task_size("quick") == 4 and tasks.task_size("full") == 100 and tasks.task_size(7) == 7
 
 
+@pytest.mark.parametrize("name", ["niah", "json_kv", "rag_nq"])
+def test_a_sample_does_not_depend_on_how_many_are_drawn(tok, builder, name):
+    """Sample ids carry no count: a study grown from 2 to 5 samples must keep the first two
+    prompts (stores resume by id), and the drawn depths must still spread over [0, 1)."""
+    small = _make(name, tok, builder, 1024, size=2)
+    large = _make(name, tok, builder, 1024, size=5)
+    assert [s.id for s in small] == [s.id for s in large[:2]]
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(small, large))
+    depths = sorted(s.depth for s in large)
+    gaps = [b - a for a, b in zip(depths, depths[1:])] + [1 - depths[-1] + depths[0]]
+    assert max(gaps) < 0.4 and all(0 <= d < 1 for d in depths)
+
+
 def test_task_sample_validates_spans():
     ids = torch.arange(10)
     kw = {"id": "x", "task": "niah", "text": "", "input_ids": ids, "answers": ("a",), "question": "q", "depth": 0.5}
