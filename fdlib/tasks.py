@@ -207,6 +207,17 @@ def _depths(depth: float | None, n: int, task: str, seed: int) -> list[float]:
     return [float(depth)] * n
 
 
+def _prepare(
+    task: str, tokenizer_or_model: Any, n_tokens: int, size: str | int, depth: float | None, seed: int,
+    max_context: int | None,
+) -> tuple[Any, list[float]]:
+    """What every generator does first: the length is checked against the window before anything
+    is tokenised; then the tokenizer and each sample's depth (one per sample of the size)."""
+    check_context(tokenizer_or_model, n_tokens, max_context)
+    tokenizer, _ = _split_model(tokenizer_or_model)
+    return tokenizer, _depths(depth, task_size(size), task, seed)
+
+
 def _split_model(tokenizer_or_model: Any) -> tuple[Any, int | None]:
     """(tokenizer, context window from the model's config) for a model or a bare tokenizer."""
     cfg = getattr(tokenizer_or_model, "cfg", None)
@@ -381,6 +392,22 @@ def _sample(
     )
 
 
+def _cued(out: "_Text", info: dict[str, Any], cue: str, in_answer: bool) -> _Rendered:
+    """The prompt so far, ending with the answer's cue: as the start of the model's turn (RULER's
+    way, `answer_prefix`), or, HELMET's way, as the last line of the user turn."""
+    if not in_answer:
+        out.add("\n" + cue)
+    return _Rendered(out.content(), out.chars, info, answer_prefix=cue if in_answer else "")
+
+
+def _at_depth(filler: _Filler, chosen: list[int], item: str, depth: float) -> tuple[list[str], int]:
+    """The chosen filler units with `item` inserted at the unit boundary nearest `depth`, and its index."""
+    units = [filler.texts[j] for j in chosen]
+    at = _boundary([filler.costs[j] for j in chosen], depth)
+    units.insert(at, item)
+    return units, at
+
+
 class _Text:
     """Concatenates parts while recording the char range of named ones."""
 
@@ -517,14 +544,11 @@ def _needle_samples(
     max_context: int | None,
     answer_prefix: bool,
 ) -> list[TaskSample]:
-    check_context(tokenizer_or_model, n_tokens, max_context)
-    tokenizer, _ = _split_model(tokenizer_or_model)
-    n = task_size(size)
-    depths = _depths(depth, n, task, seed)
+    tokenizer, depths = _prepare(task, tokenizer_or_model, n_tokens, size, depth, seed, max_context)
     passages = _passages(load_nq())
     instruction = _NIAH_INSTRUCTION if n_keys == 1 else _MULTIKEY_INSTRUCTION
     out = []
-    for i in range(n):
+    for i in range(len(depths)):
         rng = _rng(task, seed, i)
         keys = _random_keys(rng, n_keys)
         values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
@@ -599,11 +623,9 @@ def _uuid(rng: random.Random) -> str:
 
 
 def _render_json(
-    filler: _Filler, target: str, key: str, question: str, prefix: str, depth: float, chosen: list[int]
+    filler: _Filler, target: str, key: str, question: str, cue_in_answer: bool, depth: float, chosen: list[int]
 ) -> _Rendered:
-    lines = [filler.texts[j] for j in chosen]
-    at = _boundary([filler.costs[j] for j in chosen], depth)
-    lines.insert(at, target)
+    lines, at = _at_depth(filler, chosen, target, depth)
     out = _Text()
     out.add(_JSON_INSTRUCTION + "\n\nJSON data:\n{\n")
     for j, line in enumerate(lines):
@@ -611,9 +633,7 @@ def _render_json(
         out.add(" ,\n" if j < len(lines) - 1 else "\n")
     out.add("}\n\n")
     out.add(question, "question")
-    if not prefix:
-        out.add("\n" + _JSON_ANSWER_PREFIX)  # HELMET's prompt ends the user turn with it
-    return _Rendered(out.content(), out.chars, {"key": key, "n_pairs": len(lines)}, answer_prefix=prefix)
+    return _cued(out, {"key": key, "n_pairs": len(lines)}, _JSON_ANSWER_PREFIX, cue_in_answer)
 
 
 def json_kv_task(
@@ -635,12 +655,9 @@ def json_kv_task(
     directly followed by a comma is one token in byte-level BPE vocabularies, so the pair would
     not end on a token boundary.
     """
-    check_context(tokenizer, n_tokens, max_context)
-    tokenizer, _ = _split_model(tokenizer)
-    n = task_size(size)
-    depths = _depths(depth, n, "json_kv", seed)
+    tokenizer, depths = _prepare("json_kv", tokenizer, n_tokens, size, depth, seed, max_context)
     out = []
-    for i in range(n):
+    for i in range(len(depths)):
         rng = _rng("json_kv", seed, i)
         key, value = _uuid(rng), _uuid(rng)
         target = json.dumps(key) + ": " + json.dumps(value)
@@ -649,8 +666,7 @@ def json_kv_task(
         filler = _make_filler(tokenizer, list(range(len(pairs))), pairs, [p + " ," for p in pairs])
         question = f'Key: "{key}"'
 
-        prefix = _JSON_ANSWER_PREFIX if answer_prefix else ""
-        render = partial(_render_json, filler, target, key, question, prefix, depths[i])
+        render = partial(_render_json, filler, target, key, question, answer_prefix, depths[i])
         sample_id = f"json_kv/{n_tokens}/s{seed}/{i}"
         rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
         out.append(_sample("json_kv", sample_id, enc, rendered, answers=[value], question=question, depth=depths[i]))
@@ -726,13 +742,10 @@ def rag_task(
     prompt as a `fdlib.data.QASample` (for `fdlib.score_sample`). Questions: a seeded
     permutation of the `split` (test by default, so heads found on train are not scored on it).
     """
-    check_context(tokenizer, n_tokens, max_context)
-    tokenizer, _ = _split_model(tokenizer)
-    n = task_size(size)
-    depths = _depths(depth, n, "rag_nq", seed)
+    tokenizer, depths = _prepare("rag_nq", tokenizer, n_tokens, size, depth, seed, max_context)
     builder = builder if builder is not None else NQBuilder(tokenizer)
     out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, n)):
+    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths))):
         filler, docs = _distractor_filler(tokenizer, builder, example, n_tokens, lambda d: f"Document [10](Title: {d.title}) ")
 
         render = partial(_render_rag, filler, docs, example, depths[i])
@@ -749,7 +762,7 @@ def rag_task(
 
 
 def _render_rerank(
-    filler: _Filler, docs: list[Document], ids: list[str], example: NQExample, prefix: str, depth: float,
+    filler: _Filler, docs: list[Document], ids: list[str], example: NQExample, cue_in_answer: bool, depth: float,
     chosen: list[int],
 ) -> _Rendered:
     shown, costs = _chosen_docs(filler, chosen, docs)
@@ -765,10 +778,9 @@ def _render_rerank(
     out.chars["relevant"] = out.chars[f"doc{gold}"]
     out.add("\n")
     out.add(f"Query: {example.question}", "question")
-    if not prefix:
-        out.add("\nRanking:")
-    return _Rendered(out.content(), out.chars, {"ids": tuple(doc_ids), "documents": tuple(documents), "gold_index": gold},
-                     answer_prefix=prefix)
+    info = {"ids": tuple(doc_ids), "documents": tuple(documents), "gold_index": gold}
+    # HELMET's user turn ends with "Ranking:"; in the model's turn the cue goes on to "[ID:".
+    return _cued(out, info, _RERANK_ANSWER_PREFIX if cue_in_answer else "Ranking:", cue_in_answer)
 
 
 def rerank_task(
@@ -792,21 +804,17 @@ def rerank_task(
     passages, `info["gold_index"]` the gold one's position); the relevant span is the gold
     passage's line. Scored by `ndcg_at_10`.
     """
-    check_context(tokenizer, n_tokens, max_context)
-    tokenizer, _ = _split_model(tokenizer)
-    n = task_size(size)
-    depths = _depths(depth, n, "rerank_nq", seed)
+    tokenizer, depths = _prepare("rerank_nq", tokenizer, n_tokens, size, depth, seed, max_context)
     builder = builder if builder is not None else NQBuilder(tokenizer)
     out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, n)):
+    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths))):
         rng = _rng("rerank_nq", seed, i)
         filler, docs = _distractor_filler(
             tokenizer, builder, example, n_tokens, lambda d: f"[ID: 12345] Document (Title: {d.title}): "
         )
         # One fixed ID per document (the gold one last), so IDs do not move while fitting.
         ids = [str(x) for x in rng.sample(range(10_000, 100_000), len(docs) + 1)]
-        prefix = _RERANK_ANSWER_PREFIX if answer_prefix else ""
-        render = partial(_render_rerank, filler, docs, ids, example, prefix, depths[i])
+        render = partial(_render_rerank, filler, docs, ids, example, answer_prefix, depths[i])
         sample_id = f"rerank_nq/{n_tokens}/s{seed}/{example.id}"
         rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
         out.append(_sample("rerank_nq", sample_id, enc, rendered, answers=[ids[-1]], question=example.question, depth=depths[i]))
@@ -832,20 +840,17 @@ def _demo(question: str, label: int) -> str:
 
 
 def _render_icl(
-    filler: _Filler, target: str, question: str, prefix: str, info: dict[str, Any], depth: float, chosen: list[int]
+    filler: _Filler, target: str, question: str, cue_in_answer: bool, info: dict[str, Any], depth: float,
+    chosen: list[int],
 ) -> _Rendered:
-    demos = [filler.texts[j] for j in chosen]
-    at = _boundary([filler.costs[j] for j in chosen], depth)
-    demos.insert(at, target)
+    demos, at = _at_depth(filler, chosen, target, depth)
     out = _Text()
     out.add(_ICL_INSTRUCTION + "\n\n")
     for j, demo in enumerate(demos):
         out.add(demo, "relevant" if j == at else None)
         out.add("\n\n")
     out.add(f"Question: {question}", "question")
-    if not prefix:
-        out.add("\n" + _ICL_ANSWER_PREFIX)
-    return _Rendered(out.content(), out.chars, {**info, "n_shots": len(demos), "relevant_index": at}, answer_prefix=prefix)
+    return _cued(out, {**info, "n_shots": len(demos), "relevant_index": at}, _ICL_ANSWER_PREFIX, cue_in_answer)
 
 
 def icl_task(
@@ -872,20 +877,17 @@ def icl_task(
     carry the label too, so the relevant score is a lower bound on the attention the answer can
     use. `answer_prefix`: the model's turn begins with `Label:` (else the user turn ends with it).
     """
-    check_context(tokenizer, n_tokens, max_context)
-    tokenizer, _ = _split_model(tokenizer)
-    n = task_size(size)
-    depths = _depths(depth, n, "icl_nq", seed)
+    tokenizer, depths = _prepare("icl_nq", tokenizer, n_tokens, size, depth, seed, max_context)
     builder = builder if builder is not None else NQBuilder(tokenizer)
     names = [name for name, _ in ICL_CLASSES]
-    typed = [(e, answer_type(e.question)) for e in builder.examples]
-    typed = [(e, t) for e, t in typed if t is not None]
+    kind = {e.id: answer_type(e.question) for e in builder.examples}  # one regex pass for all samples
+    of_kind = {name: [e for e in builder.examples if kind[e.id] == name] for name in names}
     out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, n, keep=lambda e: answer_type(e.question) is not None)):
+    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths), keep=lambda e: kind[e.id] is not None)):
         rng = _rng("icl_nq", seed, i)
         labels = dict(zip(names, rng.sample(range(10, 100), len(names))))
-        asked = answer_type(example.question)
-        by_class = {name: [e for e, t in typed if t == name and e.id != example.id] for name in names}
+        asked = kind[example.id]
+        by_class = {name: [e for e in of_kind[name] if e.id != example.id] for name in names}
         words = _words(example.question)
         # The nearest same-class question by shared words (ties: NQ order), shown at `depth`.
         nearest = max(by_class[asked], key=lambda e: len(words & _words(e.question)))
@@ -903,8 +905,7 @@ def icl_task(
         filler = _make_filler(tokenizer, list(range(len(demos))), demos, [d + "\n\n" for d in demos])
         target = _demo(nearest.question, labels[asked])
         info = {"labels": labels, "class": asked, "nearest": nearest.id}
-        prefix = _ICL_ANSWER_PREFIX if answer_prefix else ""
-        render = partial(_render_icl, filler, target, example.question, prefix, info, depths[i])
+        render = partial(_render_icl, filler, target, example.question, answer_prefix, info, depths[i])
         sample_id = f"icl_nq/{n_tokens}/s{seed}/{example.id}"
         rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
         out.append(_sample("icl_nq", sample_id, enc, rendered, answers=[str(labels[asked])],
