@@ -371,10 +371,16 @@ def _check_setup(
     return checked
 
 
-def _check_stored_heads(db: Store, conditions: Sequence[Condition], checked: Mapping[str, list[Head]], tag: str) -> None:
-    """A condition's key names its head set and k, not the heads: refuse to resume a store whose
-    rows used other heads (e.g. a ranking from another run) rather than mix the two. Only the set
-    counts: the same heads in another order are the same intervention."""
+def _check_stored(
+    db: Store, conditions: Sequence[Condition], checked: Mapping[str, list[Head]], prompts: Mapping[str, str], tag: str
+) -> None:
+    """Refuse to resume a store whose rows would mix with this run's, in one pass over its rows:
+    - a condition's key names its head set and k, not the heads: rows that used other heads (e.g.
+      a ranking from another run) are refused; only the set counts, the same heads in another
+      order are the same intervention;
+    - a row is keyed by sample id, not by prompt: rows decoded from another prompt under the same
+      id (`prompts`: this run's fingerprint per sample id; e.g. stored before a task generator
+      changed) are refused."""
     wanted = {f"{tag}|{c.key}": [f"L{l}H{h}" for l, h in checked[c.heads][: c.k]] for c in conditions if c.heads}
     for row in db.rows():
         want = wanted.get(row.config)
@@ -383,21 +389,12 @@ def _check_stored_heads(db: Store, conditions: Sequence[Condition], checked: Map
                 f"{db.path}: stored rows of {row.record.get('condition')!r} used heads {row.record.get('head_list')}, "
                 f"this run uses {want}; use another store for another ranking"
             )
-
-
-def _check_stored_prompts(db: Store, samples: Sequence[StudySample], tag: str) -> None:
-    """A row is keyed by sample id, not by prompt: refuse to resume rows decoded from another
-    prompt under the same id (e.g. stored before a task generator changed) rather than mix them."""
-    wanted = {s.id: s.fingerprint for s in samples}
-    for row in db.rows():
-        want = wanted.get(row.sample_id)
-        if want is None or not row.config.startswith(f"{tag}|"):
-            continue
+        prompt = prompts.get(row.sample_id)
         stored = row.record.get("prompt_sha")
-        if stored != want:
+        if prompt is not None and row.config.startswith(f"{tag}|") and stored != prompt:
             found = f"prompt {stored}" if stored else "no prompt fingerprint (an older fdlib)"
             raise ValueError(
-                f"{db.path}: stored rows of sample {row.sample_id!r} have {found}, this run's prompt is {want}: "
+                f"{db.path}: stored rows of sample {row.sample_id!r} have {found}, this run's prompt is {prompt}: "
                 "the sample changed since they were decoded; use another store or delete this one"
             )
 
@@ -432,8 +429,8 @@ def run_conditions(
     tag = config_tag(model, max_new_tokens)
     with _opened(store) as db:
         done = db.keys()
-        _check_stored_heads(db, conditions, checked, tag)
-        _check_stored_prompts(db, samples, tag)
+        prompts = {s.id: s.fingerprint for s in samples}
+        _check_stored(db, conditions, checked, prompts, tag)
         todo = [(s, [c for c in conditions if (s.id, f"{tag}|{c.key}") not in done]) for s in samples]
         todo = [(s, pending) for s, pending in todo if pending]
         for s, pending in tqdm(todo, desc=desc, unit="sample", disable=not progress):
@@ -454,7 +451,7 @@ def run_conditions(
                     **s.meta, **asdict(c), "condition": c.key, "label": c.label, "identity": c.identity,
                     "model": model_name(model), "answer": answer.text, "score": s.score(answer.text),
                     "n_answer_tokens": len(answer.tokens), "head_list": [f"L{l}H{h}" for l, h in used],
-                    "prompt_sha": s.fingerprint,
+                    "prompt_sha": prompts[s.id],
                 }
                 arrays = {f"{name}_score": v.numpy() for name, v in answer.scores.items()}
                 rows.append(Row(s.id, f"{tag}|{c.key}", record, arrays))
