@@ -249,6 +249,17 @@ def check_split_softmax_row(fn: Callable[[Tensor, Span, float], Any], *, seed: i
 # --- (d) d_K after and before RoPE ---------------------------------------------------------------
 
 
+def _check_logit_shift(name: str, got: Tensor, want: Tensor, mistakes: dict[str, Tensor]) -> None:
+    """Both d_K exercises: the (query, key) logit shift that is furthest off, and the mistake it looks like."""
+    hint = _diagnose(got, want, mistakes, atol=1e-5)
+    if hint is not None:
+        i, j = divmod(int((got - want).abs().argmax()), got.shape[1])
+        raise AssertionError(
+            f"{name}: logit ({i}, {j}) shifts by {float(got[i, j]):.5f}, expected {float(want[i, j]):.5f}"
+            + (f". It looks like {hint}." if hint else ".")
+        )
+
+
 def rotate(x: Float[Tensor, "pos d_head"], positions: Int[Tensor, "pos"], base: float = 10000.0) -> Float[Tensor, "pos d_head"]:
     """Llama's rotary embedding (the `rotate_half` form): row p of x rotated by position p."""
     d = x.shape[-1]
@@ -289,13 +300,7 @@ def check_dk_logit_shift(fn: Callable[[Tensor, Tensor, Tensor], Any], *, seed: i
             "you returned the new logits q . (k_j + d_K) / sqrt(d_head), not their change": (q @ (k + d_k).T) * scale,
             "you returned minus the shift (old - new)": -want,
         }
-        hint = _diagnose(got, want, mistakes, atol=1e-5)
-        if hint is not None:
-            i, j = divmod(int((got - want).abs().argmax()), n_k)
-            raise AssertionError(
-                f"dk_logit_shift: logit ({i}, {j}) shifts by {float(got[i, j]):.5f}, expected {float(want[i, j]):.5f}"
-                + (f". It looks like {hint}." if hint else ".")
-            )
+        _check_logit_shift("dk_logit_shift", got, want, mistakes)
     # What the exercise shows: the shift is constant along the keys, so the softmax is unchanged.
     spread = float((got - got[:, :1]).abs().max())
     logits = (q @ k.T) * scale
@@ -337,12 +342,6 @@ def check_dk_logit_shift_pre_rope(fn: Callable[[Tensor, Tensor, Tensor, Tensor],
             "you left the queries unrotated": (q @ rotate(d_k.expand(n_k, d), torch.arange(n_k)).T) * scale,
             "you forgot the 1/sqrt(d_head) scale of the logits": want / scale,
         }
-        hint = _diagnose(got, want, mistakes, atol=1e-5)
-        if hint is not None:
-            i, j = divmod(int((got - want).abs().argmax()), n_k)
-            raise AssertionError(
-                f"dk_logit_shift_pre_rope: logit ({i}, {j}) shifts by {float(got[i, j]):.5f}, expected {float(want[i, j]):.5f}"
-                + (f". It looks like {hint}." if hint else ".")
-            )
+        _check_logit_shift("dk_logit_shift_pre_rope", got, want, mistakes)
     return "dk_logit_shift_pre_rope: all 2 random cases pass; before RoPE the shift varies with the key, so d_K can move attention"
 
