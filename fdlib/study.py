@@ -1,0 +1,441 @@
+"""The study runner: every study in fdlib is one call of `run_study`.
+
+Per sample: one prefill per input variant, then every pending condition decoded from that
+prefix, in batches of rows sharing the prompt's KV cache (`fdlib.engine`), each row recording
+every head's attention on the sample's named spans; the sample's rows (all its variants) are
+written in one transaction. A rerun skips the rows already stored, and refuses a stored row that
+another setup made (another prompt, model, head set, directions file, parameter or decoding),
+naming what differs. `shard=(i, n)` takes samples i, i+n, ... (one job of a cluster array).
+
+`study_frame` is the one reader: a store -> one DataFrame row per (sample, condition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib.conditions import Condition
+from fdlib.decoding import Prefix, check_length, decode, prefill
+from fdlib.directions import FocusDirections, focus_directions
+from fdlib.engine import RowIntervention, decode_batch
+from fdlib.evaluate import best_subspan_em
+from fdlib.heads import Head, labels
+from fdlib.interventions import ablate_heads, check_heads
+from fdlib.models import model_name
+from fdlib.reweighting import reweight_span
+from fdlib.spans import Span
+from fdlib.store import Row, Store, open_store
+
+Engine = Literal["batched", "sequential"]
+KINDS = ("relevant", "irrelevant", "irmax", "sink")
+DECODING = "greedy; stop at eos, or at a newline once the answer has text"
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples
+
+
+@dataclass(frozen=True, eq=False)
+class StudySample:
+    """One prompt of a study (an NQ `QASample` or a `TaskSample`) seen through one protocol, with
+    what is stored beside each of its rows (`meta`: task, length, gold position, ...).
+
+    `spans()` names spans canonically: `relevant` (the gold document / needle / pair), `sink`,
+    and `doc{i}` per document where the prompt has documents.
+    """
+
+    sample: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.sample.id
+
+    @property
+    def group(self) -> str:
+        """The question (or task sample) this prompt is a variant of: a transaction and a shard unit."""
+        return self.sample.id.split("/")[0]
+
+    @property
+    def variant(self) -> str:
+        return getattr(self.sample, "variant", "long")
+
+    @property
+    def input_ids(self) -> Tensor:
+        return self.sample.input_ids
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.sample.input_ids.shape[0])
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        return tuple(self.sample.answers)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the prompt's token ids: part of every row's setup."""
+        ids = self.sample.input_ids.to("cpu", dtype=torch.int64).numpy().tobytes()
+        return hashlib.sha1(ids).hexdigest()[:16]
+
+    def spans(self) -> dict[str, Span]:
+        spans = dict(self.sample.named_spans())
+        if "relevant" not in spans:
+            gold = getattr(self.sample, "gold_span", None)
+            if gold is not None:
+                spans["relevant"] = gold
+        return spans
+
+    @property
+    def metric(self) -> str:
+        return getattr(self.sample, "metric", None) or ("em" if not hasattr(self.sample, "task") else self.sample.task)
+
+    def score(self, prediction: str) -> float:
+        """The sample's metric (best-subspan EM for NQ, the task's own for task samples)."""
+        if hasattr(self.sample, "task"):
+            from fdlib.tasks import score as task_score
+
+            return float(task_score(prediction, self.sample))
+        return float(best_subspan_em(prediction, self.sample.answers))
+
+
+def as_study_samples(samples: Sequence[Any]) -> list[StudySample]:
+    return [s if isinstance(s, StudySample) else StudySample(s) for s in samples]
+
+
+def kind_scores(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+    """The stored score kinds from recorded span means: `relevant`, `sink`, and with documents
+    `irrelevant` (all other documents) and `irmax` (the most-attended other document). A kind the
+    prompt does not define is left out (e.g. relevant on a negative input)."""
+    out = {k: scores[k] for k in ("relevant", "sink") if k in scores}
+    docs = [n for n in spans if n.startswith("doc") and n[3:].isdigit()]
+    if docs:
+        gold = spans.get("relevant")
+        others = [scores[n] for n in docs if spans[n] != gold]
+        if others:
+            stack = torch.stack(others)
+            out["irrelevant"], out["irmax"] = stack.sum(0), stack.max(0).values
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What made a row
+
+
+def model_fingerprint(model: TransformerBridge) -> dict[str, str]:
+    """The model's name and a hash of its config and weights (every parameter's shape and a
+    strided sample of its values: another checkpoint of the same architecture differs)."""
+    got = model.__dict__.get("_fdlib_fingerprint")
+    if got is None:
+        h = hashlib.sha1()
+        hf = model.original_model
+        h.update(json.dumps(hf.config.to_dict(), sort_keys=True, default=str).encode())
+        for name, p in sorted(hf.state_dict().items()):
+            flat = p.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(name.encode() + str(tuple(p.shape)).encode())
+            h.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
+        got = {"model": model_name(model), "model_sha": h.hexdigest()[:16]}
+        model.__dict__["_fdlib_fingerprint"] = got
+    return got
+
+
+def directions_sha(d: FocusDirections) -> str:
+    h = hashlib.sha1(d.placement.encode())
+    h.update(d.d_q.detach().float().contiguous().numpy().tobytes())
+    h.update(d.d_k.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _sha(setup: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# One condition, resolved for one sample
+
+
+@dataclass(frozen=True)
+class _Planned:
+    condition: Condition
+    heads: list[Head]
+    setup: dict[str, Any]
+    setup_sha: str
+
+    @property
+    def runs_as(self) -> tuple:
+        """Conditions that decode the same way share one decoded row."""
+        c = self.condition
+        if c.is_baseline or c.identity:
+            return ("baseline", c.rows)
+        return (c.method, c.value, tuple(sorted(self.heads)), c.directions, c.span, c.rows)
+
+
+def _row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
+                      directions: Mapping[str, FocusDirections]) -> RowIntervention:
+    if c.is_baseline or c.identity:
+        return RowIntervention()
+    if c.is_reweight:
+        return RowIntervention(tuple(heads), span_map=c.method, strength=c.value, span=sample.spans()[c.span])
+    if c.method == "focus":
+        return RowIntervention(tuple(heads), directions=directions[c.directions], alpha=c.value)
+    return RowIntervention(tuple(heads), ablate=True)
+
+
+def intervention(
+    model: TransformerBridge,
+    condition: Condition,
+    heads: Sequence[Head],
+    sample: StudySample,
+    directions: Mapping[str, FocusDirections] | None = None,
+) -> contextlib.AbstractContextManager:
+    """The condition as hooks on the bridge (the sequential path): rows from the last prompt row
+    on, or every row for `rows="all"`."""
+    from_pos = 0 if condition.rows == "all" else sample.n_tokens - 1
+    if condition.is_baseline or condition.identity:
+        return contextlib.nullcontext()
+    if condition.is_reweight:
+        return reweight_span(model, heads, sample.spans()[condition.span], condition.method, condition.value,
+                             from_pos=from_pos)
+    if condition.method == "focus":
+        return focus_directions(model, (directions or {})[condition.directions], heads, condition.value, from_pos=from_pos)
+    return ablate_heads(model, heads, from_pos=from_pos)
+
+
+def decode_sequential(
+    model: TransformerBridge,
+    sample: StudySample,
+    prefix: Prefix | None,
+    condition: Condition,
+    heads: Sequence[Head],
+    *,
+    directions: Mapping[str, FocusDirections] | None = None,
+    max_new_tokens: int = 32,
+):
+    """One greedy answer under one condition through the bridge's hooks (the reference path):
+    from the shared `prefix` (restored afterwards), or, for `rows="all"`, from a prefill of the
+    prompt under the hooks."""
+    with intervention(model, condition, heads, sample, directions):
+        if condition.rows == "all":
+            prefix = prefill(model, sample.input_ids, fast=False)
+        elif prefix is None:
+            raise ValueError(f"condition {condition.key!r} decodes from a shared prefix, none was given")
+        return decode(model, prefix, max_new_tokens=max_new_tokens, spans=sample.spans())
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+def _check(model, samples, conditions, rankings, directions, max_new_tokens) -> dict[str, list[Head]]:
+    """Everything that can be wrong, checked before the first forward (not after an hour)."""
+    keys = [c.key for c in conditions]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate conditions: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    ids = [s.id for s in samples]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate sample ids: the store keys rows by sample id")
+    checked = {name: check_heads(model, hs) for name, hs in rankings.items()}
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for c in conditions:
+        check_heads(model, c.head_set(checked, L, H))
+        if c.method == "focus":
+            if c.directions not in directions:
+                raise ValueError(f"condition {c.key!r} needs directions {c.directions!r}; given: {sorted(directions)}")
+            directions[c.directions].check(model)
+    variants = {s.variant for s in samples}
+    for c in conditions:
+        if c.input not in variants:
+            raise ValueError(f"condition {c.key!r} decodes input {c.input!r}, which no sample is (variants: {sorted(variants)})")
+    for s in samples:
+        check_length(model, s.n_tokens + max_new_tokens)
+        if any(c.is_reweight and c.input == s.variant for c in conditions):
+            need = {c.span for c in conditions if c.is_reweight and c.input == s.variant}
+            missing = need - set(s.spans())
+            if missing:
+                raise ValueError(f"sample {s.id} has no span {sorted(missing)} to reweight (spans: {sorted(s.spans())})")
+    return checked
+
+
+def _plan(model, sample, conditions, rankings, directions, max_new_tokens) -> list[_Planned]:
+    base = {**model_fingerprint(model), "prompt_sha": sample.fingerprint, "max_new_tokens": max_new_tokens,
+            "decoding": DECODING}
+    out = []
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    for c in conditions:
+        if c.input != sample.variant:
+            continue
+        heads = c.head_set(rankings, L, H)
+        setup = {**base, "condition": c.key, "heads": sorted(labels(heads))}
+        if c.method == "focus":
+            setup["directions_sha"] = directions_sha(directions[c.directions])
+        if c.is_reweight:
+            span = sample.spans()[c.span]
+            setup["span"] = [span.start, span.end]
+        out.append(_Planned(c, heads, setup, _sha(setup)))
+    return out
+
+
+def _difference(stored: Mapping[str, Any] | None, setup: Mapping[str, Any]) -> str:
+    old = (stored or {}).get("setup") or {}
+    diffs = [f"{k}: stored {old.get(k)!r}, now {setup.get(k)!r}" for k in sorted(set(old) | set(setup)) if old.get(k) != setup.get(k)]
+    return "; ".join(diffs) or "the stored row has no setup (an older fdlib)"
+
+
+def run_study(
+    model: TransformerBridge,
+    samples: Sequence[Any],
+    conditions: Sequence[Condition],
+    *,
+    heads: Mapping[str, Sequence[Head]] | None = None,
+    store: str | Path | Store | None = None,
+    directions: Mapping[str, FocusDirections] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int = 32,
+    max_new_tokens: int = 32,
+    engine: Engine = "batched",
+    replace: bool = False,
+    progress: bool = True,
+    desc: str = "study",
+) -> pd.DataFrame:
+    """Decode every condition on every sample of this shard; return `study_frame` of them.
+
+    `heads` maps ranking names (what conditions' `heads` refer to, e.g. "contextual") to ranked
+    head lists; `directions` maps names to `FocusDirections`. `engine="batched"` decodes a
+    sample's conditions `batch_size` rows at a time over the shared prompt cache;
+    `"sequential"` decodes one condition after another through the bridge's hooks (the
+    reference). Conditions with `rows="all"` always take the sequential path (their prompt rows
+    change, so they share no prefix). A stored row made by another setup is refused, naming what
+    differs, unless `replace=True` (then it is recomputed and overwritten).
+    """
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    if engine not in ("batched", "sequential"):
+        raise ValueError(f"engine must be 'batched' or 'sequential', got {engine!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    samples = as_study_samples(samples)
+    directions = dict(directions or {})
+    rankings = _check(model, samples, conditions, dict(heads or {}), directions, max_new_tokens)
+    groups: dict[str, list[StudySample]] = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    mine = list(groups.values())[i::n]
+    with open_store(store) as db:
+        stored = db.setups()
+        todo = []
+        for group in mine:
+            pending = []
+            for s in group:
+                for p in _plan(model, s, conditions, rankings, directions, max_new_tokens):
+                    sha = stored.get((s.id, p.condition.key))
+                    if sha == p.setup_sha:
+                        continue
+                    if sha is not None and not replace:
+                        raise ValueError(
+                            f"{db.path}: the stored row ({s.id}, {p.condition.key}) was made by another setup "
+                            f"({_difference(db.record(s.id, p.condition.key), p.setup)}); use another store, "
+                            "or replace=True to recompute it"
+                        )
+                    pending.append((s, p))
+            if pending:
+                todo.append(pending)
+        bar = tqdm(total=sum(len(t) for t in todo), desc=desc, unit="row", disable=not progress)
+        for pending in todo:
+            rows = []
+            for s in list({id(s): s for s, _ in pending}.values()):
+                mine_s = [p for t, p in pending if t is s]
+                rows += _decode_sample(model, s, mine_s, directions, engine, batch_size, max_new_tokens)
+                bar.update(len(mine_s))
+            db.put(rows)  # one transaction per sample: a kill loses at most this one
+        bar.close()
+        return study_frame(db, conditions, samples=samples)
+
+
+def _decode_sample(model, s: StudySample, planned: list[_Planned], directions, engine, batch_size, max_new_tokens) -> list[Row]:
+    spans = s.spans()
+    shared = [p for p in planned if p.condition.rows == "response"]
+    decoded: dict[tuple, Any] = {}
+    prefix = prefill(model, s.input_ids) if shared else None
+    unique = list(dict.fromkeys(p.runs_as for p in shared))
+    first = {p.runs_as: p for p in reversed(shared)}
+    if engine == "batched":
+        for start in range(0, len(unique), batch_size):
+            chunk = unique[start : start + batch_size]
+            rows = [_row_intervention(first[r].condition, first[r].heads, s, directions) for r in chunk]
+            for r, ans in zip(chunk, decode_batch(model, prefix, rows, spans=spans, max_new_tokens=max_new_tokens)):
+                decoded[r] = ans
+    for p in planned:
+        if p.runs_as not in decoded:
+            c = p.condition
+            ref = Condition.baseline(c.input) if (c.identity and c.rows == "response") else c
+            decoded[p.runs_as] = decode_sequential(model, s, prefix, ref, p.heads, directions=directions,
+                                                   max_new_tokens=max_new_tokens)
+    out = []
+    for p in planned:
+        ans = decoded[p.runs_as]
+        c = p.condition
+        record = {
+            **s.meta, "group": s.group, "variant": s.variant, "condition": c.key, "label": c.label,
+            "method": c.method, "parameter": c.parameter, "value": c.value, "heads": c.heads, "k": c.k, "seed": c.seed,
+            "directions": c.directions, "input": c.input, "rows": c.rows, "span": c.span, "identity": c.identity,
+            "head_list": labels(p.heads), "answer": ans.text, "n_answer_tokens": len(ans.tokens),
+            "metric": s.metric, "score": s.score(ans.text), "setup": p.setup,
+        }
+        arrays = {k: v.numpy().astype(np.float32) for k, v in kind_scores(ans.scores, spans).items()} if ans.scores else {}
+        out.append(Row(s.id, c.key, p.setup_sha, record, arrays))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The reader
+
+
+def study_frame(
+    store: str | Path | Store,
+    conditions: Sequence[Condition | str] | None = None,
+    *,
+    samples: Sequence[Any] | None = None,
+) -> pd.DataFrame:
+    """One row per (sample, condition): the record's fields (the setup flattened into `model`,
+    `model_sha`, `prompt_sha`, ...), `em` where the metric is EM, and one `{kind}_score` column
+    per stored score kind (`[n_layers, n_heads]` arrays; None where a kind is undefined).
+    `conditions` / `samples` restrict it to those (and to the samples' current prompts)."""
+    keys = None if conditions is None else [c.key if isinstance(c, Condition) else c for c in conditions]
+    wanted = None
+    if samples is not None:
+        wanted = {s.id: s.fingerprint for s in as_study_samples(samples)}
+    out = []
+    with open_store(store) as db:
+        for r in db.rows(keys):
+            setup = r.record.get("setup", {})
+            if wanted is not None and wanted.get(r.sample_id) != setup.get("prompt_sha"):
+                continue
+            rec = {k: v for k, v in r.record.items() if k != "setup"}
+            row = {"sample_id": r.sample_id, **rec, **{k: v for k, v in setup.items() if k not in rec}}
+            if rec.get("metric") == "em":
+                row["em"] = bool(rec["score"])
+            for kind in KINDS:
+                row[f"{kind}_score"] = r.arrays.get(kind)
+            out.append(row)
+    frame = pd.DataFrame(out)
+    if frame.empty:
+        return frame
+    if keys is not None:  # the conditions' order, then the samples'
+        frame["_c"] = frame["condition"].map({k: i for i, k in enumerate(keys)})
+        frame = frame.sort_values(["_c"], kind="stable").drop(columns="_c").reset_index(drop=True)
+    return frame
