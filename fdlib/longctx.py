@@ -2,9 +2,9 @@
 the spread of the contextual heads' sink scores across tasks (its Tables 12-13), lost in the
 middle, and retrieval heads (Wu et al., 2024) against contextual heads (its Figure 9).
 
-One engine, `run_conditions`, serves all of them: per sample one prefill, then every condition
+One runner, `fdlib.study.run_study`, serves all of them: per sample one prefill, then every condition
 (no intervention, split-softmax, focus directions, head ablation) decodes its greedy answer from
-that shared KV cache. The interventions touch the answer rows only (from the last prompt row on),
+that shared KV cache, in batches of rows. The interventions touch the answer rows only (from the last prompt row on),
 unless a condition asks for `rows="all"`, which prefills the prompt again under the hooks. Each
 sample's rows go to the SQLite store in one transaction, so a rerun skips what is stored. Tables
 are built from the store (`study_frame`); figures from the tables (`fdlib.plots`).
@@ -16,41 +16,26 @@ length above the model's context window is refused before any sample is built.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.data import NQBuilder, QASample, sized
-from fdlib.decoding import Answer, Prefix, check_length, decode, prefill
-from fdlib.directions import FocusDirections, focus_directions
-from fdlib.evaluate import best_subspan_em, bootstrap_ci
-from fdlib.interventions import (
-    Head,
-    ablate_heads,
-    check_heads,
-    check_tau,
-    split_softmax,
-)
-from fdlib.models import model_name
-from fdlib.spans import Span
-from fdlib.store import Row, Store
-from fdlib.tasks import NQ_TASKS, TASKS, TaskSample, task_samples
-from fdlib.tasks import score as task_score
+from fdlib.conditions import RANDOM, Condition, Rows
+from fdlib.data import NQBuilder, sized
+from fdlib.directions import FocusDirections
+from fdlib.evaluate import bootstrap_ci
+from fdlib.heads import Head
+from fdlib.store import Store
+from fdlib.study import StudySample, run_study, study_frame  # noqa: F401  (study_frame: the reader of these stores)
+from fdlib.tasks import NQ_TASKS, TASKS, task_samples
 
-Method = Literal["baseline", "split", "focus", "ablate"]
-Rows = Literal["response", "all"]
 Size = Literal["quick", "full"]
 
 # The paper's Table 2 grid: focus directions at alpha on the top-k contextual heads.
@@ -71,132 +56,16 @@ MAX_NEW_TOKENS = 32
 # Conditions
 
 
-@dataclass(frozen=True)
-class Condition:
-    """One way to decode a sample: no intervention (`baseline`); split-softmax on the relevant
-    span with `tau`; focus directions (`directions` names a set handed to the engine) with
-    `alpha`; or zeroing the heads' outputs (`ablate`). `heads` names a ranked head set handed to
-    the engine (e.g. "contextual", "retrieval", "random"), of which the first `k` are used.
-
-    Focus directions at alpha = 0 are the identity: such a condition is not decoded again, it
-    shares the baseline's answer (its rows say `identity: true`).
-    """
-
-    method: Method = "baseline"
-    heads: str | None = None
-    k: int | None = None
-    tau: float | None = None
-    alpha: float | None = None
-    directions: str | None = None
-    rows: Rows = "response"
-
-    def __post_init__(self) -> None:
-        if self.method not in ("baseline", "split", "focus", "ablate"):
-            raise ValueError(f"unknown method {self.method!r}: expected 'baseline', 'split', 'focus' or 'ablate'")
-        if self.rows not in ("response", "all"):
-            raise ValueError(f"rows must be 'response' or 'all', got {self.rows!r}")
-        if self.method == "baseline":
-            if (self.heads, self.k, self.tau, self.alpha, self.directions) != (None,) * 5 or self.rows != "response":
-                raise ValueError(f"a baseline takes no heads, k, tau, alpha, directions or rows: {self}")
-            return
-        if not self.heads or not isinstance(self.heads, str):
-            raise ValueError(f"{self.method} needs the name of a head set, got heads={self.heads!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
-        if self.method == "split":
-            check_tau(self.tau)
-            if self.alpha is not None or self.directions is not None or self.rows != "response":
-                raise ValueError(f"split-softmax takes tau only (answer rows): {self}")
-        elif self.method == "focus":
-            if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-                raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-            if not self.directions or self.tau is not None:
-                raise ValueError(f"focus directions take alpha and the name of a directions set, no tau: {self}")
-        elif self.tau is not None or self.alpha is not None or self.directions is not None:
-            raise ValueError(f"ablation takes heads, k and rows only: {self}")
-
-    @property
-    def identity(self) -> bool:
-        """True when the condition cannot change the answer (focus directions at alpha = 0)."""
-        return self.method == "focus" and self.alpha == 0
-
-    @property
-    def key(self) -> str:
-        """Stable text key for the store."""
-        rows = "|rows=all" if self.rows == "all" else ""
-        if self.method == "baseline":
-            return "baseline"
-        if self.method == "split":
-            return f"split|tau={self.tau:g}|{self.heads}|k={self.k}"
-        if self.method == "focus":
-            return f"focus|{self.directions}|alpha={self.alpha:g}|{self.heads}|k={self.k}{rows}"
-        return f"ablate|{self.heads}|k={self.k}{rows}"
-
-    @property
-    def label(self) -> str:
-        """A short human label (a table's column)."""
-        rows = ", all rows" if self.rows == "all" else ""
-        if self.method == "baseline":
-            return "baseline"
-        if self.method == "split":
-            return f"split tau={self.tau:g}, {self.heads} k={self.k}"
-        if self.method == "focus":
-            heads = "" if self.heads == "contextual" else f"{self.heads} "
-            return f"focus alpha={self.alpha:g}, {heads}k={self.k}{rows}"
-        return f"ablate {self.heads} k={self.k}{rows}"
-
-
-BASELINE = Condition()
+BASELINE = Condition.baseline()
 
 
 def task_conditions(alphas: Sequence[float] = ALPHAS, ks: Sequence[int] = KS, *, directions: str = "focus") -> list[Condition]:
     """Table 2's columns: the baseline, then focus directions at every alpha x k (contextual heads)."""
-    return [BASELINE] + [Condition("focus", "contextual", k, alpha=float(a), directions=directions) for a in alphas for k in ks]
+    return [BASELINE] + [Condition.focus(float(a), directions, "contextual", k) for a in alphas for k in ks]
 
 
 # ---------------------------------------------------------------------------------------------
 # Samples
-
-
-@dataclass(frozen=True)
-class StudySample:
-    """A prompt (a `TaskSample` or an NQ `QASample`) and what is stored with each of its rows
-    (`meta`: task, length, gold position, ...)."""
-
-    sample: TaskSample | QASample
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def id(self) -> str:
-        return self.sample.id
-
-    @property
-    def n_tokens(self) -> int:
-        return self.sample.n_tokens
-
-    @property
-    def fingerprint(self) -> str:
-        """A hash of the prompt's token ids: stored with each row, so a resumed run notices a
-        sample id whose prompt changed (another generator version, tokenizer or seed)."""
-        ids = self.sample.input_ids.to("cpu", dtype=torch.int64).numpy().tobytes()
-        return hashlib.sha1(ids).hexdigest()[:16]
-
-    @property
-    def relevant_span(self) -> Span:
-        span = self.sample.relevant_span if isinstance(self.sample, TaskSample) else self.sample.gold_span
-        if span is None:
-            raise ValueError(f"sample {self.id} has no relevant span (a negative NQ input?)")
-        return span
-
-    def spans(self) -> dict[str, Span]:
-        """What the answer rows' attention is recorded on: the relevant span and the sink."""
-        return {"relevant": self.relevant_span, "sink": self.sample.sink_span}
-
-    def score(self, prediction: str) -> float:
-        """The task's metric (best-subspan EM for NQ, NDCG@10 for re-ranking, ...)."""
-        if isinstance(self.sample, TaskSample):
-            return float(task_score(prediction, self.sample))
-        return float(best_subspan_em(prediction, self.sample.answers))
 
 
 def check_lengths(model: TransformerBridge, lengths: Sequence[int], max_new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
@@ -285,213 +154,6 @@ def position_samples(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# The engine
-
-
-@contextlib.contextmanager
-def _opened(store: str | Path | Store | None) -> Iterator[Store]:
-    """A Store for a path (closed afterwards), an open Store passed through, or a throwaway
-    in-memory one for None."""
-    if isinstance(store, Store):
-        yield store
-    else:
-        with Store(":memory:" if store is None else store) as db:
-            yield db
-
-
-def _intervention(
-    model: TransformerBridge,
-    sample: StudySample,
-    condition: Condition,
-    heads: Sequence[Head],
-    directions: Mapping[str, FocusDirections],
-) -> contextlib.AbstractContextManager:
-    # The last prompt row produces the first answer token: interventions on the answer start there.
-    from_pos = 0 if condition.rows == "all" else sample.n_tokens - 1
-    if condition.method == "baseline":
-        return contextlib.nullcontext()
-    if condition.method == "split":
-        return split_softmax(model, heads, sample.relevant_span, condition.tau, from_pos=from_pos)
-    if condition.method == "focus":
-        return focus_directions(model, directions[condition.directions], heads, condition.alpha, from_pos=from_pos)
-    return ablate_heads(model, heads, from_pos=from_pos)
-
-
-def decode_condition(
-    model: TransformerBridge,
-    sample: StudySample,
-    prefix: Prefix | None,
-    condition: Condition,
-    heads: Sequence[Head],
-    *,
-    directions: Mapping[str, FocusDirections] | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-) -> Answer:
-    """One greedy answer under one condition, with every head's attention on the relevant span
-    and on the sink from the answer rows. `rows="response"` decodes from the shared `prefix`
-    (restored afterwards); `rows="all"` prefills the prompt again under the hooks."""
-    with _intervention(model, sample, condition, heads, directions or {}):
-        if condition.rows == "all":
-            prefix = prefill(model, sample.sample.input_ids, fast=False)
-        elif prefix is None:
-            raise ValueError(f"condition {condition.key!r} decodes from a shared prefix, none was given")
-        return decode(model, prefix, max_new_tokens=max_new_tokens, spans=sample.spans())
-
-
-def _check_setup(
-    model: TransformerBridge,
-    samples: Sequence[StudySample],
-    conditions: Sequence[Condition],
-    head_sets: Mapping[str, Sequence[Head]],
-    directions: Mapping[str, FocusDirections],
-    max_new_tokens: int,
-) -> dict[str, list[Head]]:
-    """Everything that can be wrong, checked before the first forward (not after an hour)."""
-    keys = [c.key for c in conditions]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"duplicate conditions: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
-    ids = [s.id for s in samples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("duplicate sample ids: the store keys rows by sample id")
-    for s in samples:
-        check_length(model, s.n_tokens + max_new_tokens)
-    checked = {name: check_heads(model, hs) for name, hs in head_sets.items()}
-    for c in conditions:
-        if c.method == "baseline":
-            continue
-        if c.heads not in checked:
-            raise ValueError(f"condition {c.key!r} needs head set {c.heads!r}; given: {sorted(checked)}")
-        if c.k > len(checked[c.heads]):
-            raise ValueError(f"condition {c.key!r} needs {c.k} heads but head set {c.heads!r} has {len(checked[c.heads])}")
-        if c.method == "focus":
-            if c.directions not in directions:
-                raise ValueError(f"condition {c.key!r} needs directions {c.directions!r}; given: {sorted(directions)}")
-            directions[c.directions].check(model)
-    return checked
-
-
-def _check_stored(
-    db: Store, conditions: Sequence[Condition], checked: Mapping[str, list[Head]], prompts: Mapping[str, str], tag: str
-) -> None:
-    """Refuse to resume a store whose rows would mix with this run's, in one pass over its rows:
-    - a condition's key names its head set and k, not the heads: rows that used other heads (e.g.
-      a ranking from another run) are refused; only the set counts, the same heads in another
-      order are the same intervention;
-    - a row is keyed by sample id, not by prompt: rows decoded from another prompt under the same
-      id (`prompts`: this run's fingerprint per sample id; e.g. stored before a task generator
-      changed) are refused."""
-    wanted = {f"{tag}|{c.key}": [f"L{l}H{h}" for l, h in checked[c.heads][: c.k]] for c in conditions if c.heads}
-    for row in db.rows():
-        want = wanted.get(row.config)
-        if want is not None and sorted(row.record.get("head_list") or []) != sorted(want):
-            raise ValueError(
-                f"{db.path}: stored rows of {row.record.get('condition')!r} used heads {row.record.get('head_list')}, "
-                f"this run uses {want}; use another store for another ranking"
-            )
-        prompt = prompts.get(row.sample_id)
-        stored = row.record.get("prompt_sha")
-        if prompt is not None and row.config.startswith(f"{tag}|") and stored != prompt:
-            found = f"prompt {stored}" if stored else "no prompt fingerprint (an older fdlib)"
-            raise ValueError(
-                f"{db.path}: stored rows of sample {row.sample_id!r} have {found}, this run's prompt is {prompt}: "
-                "the sample changed since they were decoded; use another store or delete this one"
-            )
-
-
-def config_tag(model: TransformerBridge, max_new_tokens: int) -> str:
-    return f"{model_name(model)}|greedy{max_new_tokens}"
-
-
-def run_conditions(
-    model: TransformerBridge,
-    samples: Sequence[StudySample],
-    conditions: Sequence[Condition],
-    *,
-    store: str | Path | Store,
-    head_sets: Mapping[str, Sequence[Head]] | None = None,
-    directions: Mapping[str, FocusDirections] | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    progress: bool = True,
-    desc: str = "samples",
-) -> None:
-    """Decode every condition on every sample, skipping (sample, condition) pairs already stored.
-
-    Per sample: one fast prefill shared by the conditions on the answer rows; the sample's rows
-    written in one transaction (a crash loses at most the sample in flight). A row's record holds
-    the answer, its score (the task's metric), the condition's fields, the heads used and the
-    sample's `meta`; its arrays the attention of every head on the relevant span
-    (`relevant_score`) and on the sink (`sink_score`) from the answer rows.
-    """
-    head_sets = dict(head_sets or {})
-    directions = dict(directions or {})
-    checked = _check_setup(model, samples, conditions, head_sets, directions, max_new_tokens)
-    tag = config_tag(model, max_new_tokens)
-    with _opened(store) as db:
-        done = db.keys()
-        prompts = {s.id: s.fingerprint for s in samples}
-        _check_stored(db, conditions, checked, prompts, tag)
-        todo = [(s, [c for c in conditions if (s.id, f"{tag}|{c.key}") not in done]) for s in samples]
-        todo = [(s, pending) for s, pending in todo if pending]
-        for s, pending in tqdm(todo, desc=desc, unit="sample", disable=not progress):
-            # alpha = 0 runs as the baseline, which decodes from the shared prefix too
-            shared = any(c.identity or c.rows == "response" for c in pending)
-            prefix = prefill(model, s.sample.input_ids) if shared else None
-            answers: dict[str, Answer] = {}
-            rows = []
-            for c in pending:
-                run = BASELINE if c.identity else c  # alpha = 0 is the identity: the baseline's answer
-                heads = checked[run.heads][: run.k] if run.heads else []
-                if run.key not in answers:
-                    answers[run.key] = decode_condition(model, s, prefix, run, heads, directions=directions,
-                                                        max_new_tokens=max_new_tokens)
-                answer = answers[run.key]
-                used = checked[c.heads][: c.k] if c.heads else []
-                record = {
-                    **s.meta, **asdict(c), "condition": c.key, "label": c.label, "identity": c.identity,
-                    "model": model_name(model), "answer": answer.text, "score": s.score(answer.text),
-                    "n_answer_tokens": len(answer.tokens), "head_list": [f"L{l}H{h}" for l, h in used],
-                    "prompt_sha": prompts[s.id],
-                }
-                arrays = {f"{name}_score": v.numpy() for name, v in answer.scores.items()}
-                rows.append(Row(s.id, f"{tag}|{c.key}", record, arrays))
-            db.put(rows)
-
-
-def study_frame(
-    store: str | Path | Store,
-    conditions: Sequence[Condition] | None = None,
-    *,
-    samples: Sequence[StudySample] | None = None,
-    tag: str | None = None,
-) -> pd.DataFrame:
-    """One row per (sample, condition): the record's fields plus the `relevant_score` and
-    `sink_score` arrays (`[n_layers, n_heads]`, None when the answer was empty). Keeps only the
-    given `conditions`, `samples`, and rows of `tag` (`config_tag(model, max_new_tokens)`: one
-    model and answer budget), when given."""
-    keys = None if conditions is None else {c.key for c in conditions}
-    ids = None if samples is None else {s.id for s in samples}
-    with _opened(store) as db:
-        rows = [
-            {"sample_id": r.sample_id, **r.record, "label": _label(r.record),
-             "relevant_score": r.arrays.get("relevant_score"), "sink_score": r.arrays.get("sink_score")}
-            for r in db.rows()
-            if (keys is None or r.record.get("condition") in keys)
-            and (ids is None or r.sample_id in ids)
-            and (tag is None or r.config == f"{tag}|{r.record.get('condition')}")
-        ]
-    return pd.DataFrame(rows)
-
-
-def _label(record: dict[str, Any]) -> str:
-    """The condition's label as this version writes it (stored labels may be older)."""
-    fields = {f: record.get(f) for f in ("method", "heads", "k", "tau", "alpha", "directions", "rows")}
-    try:
-        return Condition(**fields).label
-    except (TypeError, ValueError):
-        return str(record.get("label"))
-
-
 def head_mean(arrays: pd.Series, heads: Sequence[Head]) -> Float[np.ndarray, " row"]:
     """Per row, the mean over `heads` of a stored `[n_layers, n_heads]` score (NaN where absent)."""
     if not heads:
@@ -514,21 +176,19 @@ def task_study(
     alphas: Sequence[float] = ALPHAS,
     ks: Sequence[int] = KS,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Table 2's runs: every task sample without intervention and with focus directions at alpha
     x k on the top-k contextual heads (answer rows). Returns `study_frame` of those runs."""
-    conditions = task_conditions(alphas, ks)
-    with _opened(store) as db:
-        run_conditions(model, samples, conditions, store=db, head_sets={"contextual": ranked_heads},
-                       directions={"focus": directions}, max_new_tokens=max_new_tokens, progress=progress,
-                       desc="task study")
-        return study_frame(db, conditions, samples=samples, tag=config_tag(model, max_new_tokens))
+    return run_study(model, samples, task_conditions(alphas, ks), heads={"contextual": ranked_heads},
+                     directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=progress, desc="task study")
 
 
 def lost_conditions(*, tau: float = 0.1, alpha: float = 0.5, k: int = 5) -> list[Condition]:
     """No intervention; split-softmax on the gold document; focus directions (contextual top-k)."""
-    return [BASELINE, Condition("split", "contextual", k, tau=tau), Condition("focus", "contextual", k, alpha=alpha, directions="focus")]
+    return [BASELINE, Condition.split(tau, "contextual", k), Condition.focus(alpha, "focus", "contextual", k)]
 
 
 def lost_in_the_middle(
@@ -545,27 +205,28 @@ def lost_in_the_middle(
     alpha: float = 0.5,
     k: int = 5,
     max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
     """EM on NQ with the gold document at each position, without intervention, with
     split-softmax (tau, top-k contextual heads) and with focus directions (alpha, top-k).
     Each position's prompt has its own sample id, so one store holds every position."""
     samples = position_samples(model, positions=positions, size=size, n_docs=n_docs, split=split)
-    conditions = lost_conditions(tau=tau, alpha=alpha, k=k)
-    with _opened(store) as db:
-        run_conditions(model, samples, conditions, store=db, head_sets={"contextual": ranked_heads},
-                       directions={"focus": directions}, max_new_tokens=max_new_tokens, progress=progress,
-                       desc="lost in the middle")
-        return study_frame(db, conditions, samples=samples, tag=config_tag(model, max_new_tokens))
+    return run_study(model, samples, lost_conditions(tau=tau, alpha=alpha, k=k), heads={"contextual": ranked_heads},
+                     directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=progress, desc="lost in the middle")
 
 
 def boost_ablate_conditions(
-    sets: Sequence[str] = ("retrieval", "contextual", "random"), *, k: int = 20, tau: float = 0.1, rows: Rows = "response"
+    sets: Sequence[str] = ("retrieval", "contextual"), *, k: int = 20, tau: float = 0.1, rows: Rows = "response",
+    random_seeds: Sequence[int] = (0,),
 ) -> list[Condition]:
-    """No intervention; per head set, split-softmax on the gold document (boost) and ablation."""
+    """No intervention; per named head set and per random draw, split-softmax on the gold
+    document (boost) and ablation."""
+    where = [(name, None) for name in sets] + [(RANDOM, s) for s in random_seeds]
     out = [BASELINE]
-    out += [Condition("split", name, k, tau=tau) for name in sets]
-    out += [Condition("ablate", name, k, rows=rows) for name in sets]
+    out += [Condition.split(tau, name, k, seed=seed) for name, seed in where]
+    out += [Condition.ablate(name, k, seed=seed, rows=rows) for name, seed in where]
     return out
 
 
@@ -580,18 +241,18 @@ def boost_ablate(
     k: int = 20,
     tau: float = 0.1,
     rows: Rows = "response",
+    random_seeds: Sequence[int] = (0,),
     max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 32,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """NQ EM (n_docs documents, gold in the middle) when each head set's top-k is boosted
-    (split-softmax on the gold document, answer rows) or ablated (outputs zeroed)."""
+    """NQ EM (n_docs documents, gold in the middle) when each head set's top-k (and k random
+    heads per seed) is boosted (split-softmax on the gold document, answer rows) or ablated."""
     samples = position_samples(model, positions=[(n_docs + 1) // 2], size=sized(BOOST_QUESTIONS, size),
                                n_docs=n_docs, split=split)
-    conditions = boost_ablate_conditions(list(head_sets), k=k, tau=tau, rows=rows)
-    with _opened(store) as db:
-        run_conditions(model, samples, conditions, store=db, head_sets=head_sets, max_new_tokens=max_new_tokens,
-                       progress=progress, desc="boost / ablate")
-        return study_frame(db, conditions, samples=samples, tag=config_tag(model, max_new_tokens))
+    conditions = boost_ablate_conditions(list(head_sets), k=k, tau=tau, rows=rows, random_seeds=random_seeds)
+    return run_study(model, samples, conditions, heads=head_sets, store=store, max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=progress, desc="boost / ablate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,11 +272,11 @@ def _column_order(frame: pd.DataFrame) -> list[str]:
     """Table columns: the baseline first, then by method, alpha / tau, k (as in the paper)."""
     f = frame.drop_duplicates("label")
     order = f.assign(
-        _m=f["method"].map({"baseline": 0, "focus": 1, "split": 2, "ablate": 3}),
+        _m=f["method"].map({"baseline": 0, "focus": 1, "split": 2, "odds": 3, "boost": 4, "ablate": 5}),
         # head sets in the order they first appear (the conditions' order), not alphabetical
         _h=f["heads"].fillna("").map({h: i for i, h in enumerate(dict.fromkeys(f["heads"].fillna("")))}) if "heads" in f else 0,
-        **{f"_{c}": pd.to_numeric(f[c], errors="coerce").fillna(0) if c in f else 0 for c in ("alpha", "tau", "k")},
-    ).sort_values(["_m", "_h", "_alpha", "_tau", "_k"], kind="stable")
+        **{f"_{c}": pd.to_numeric(f[c], errors="coerce").fillna(0) if c in f else 0 for c in ("value", "k")},
+    ).sort_values(["_m", "_h", "_value", "_k"], kind="stable")
     return list(order["label"])
 
 
@@ -674,7 +335,7 @@ def style_versus_baseline(table: pd.DataFrame, text: pd.DataFrame | None = None,
     return styler.format(precision=digits) if text is None else styler
 
 
-def sink_table(frame: pd.DataFrame, heads: Sequence[Head], *, condition: str = "baseline") -> pd.DataFrame:
+def sink_table(frame: pd.DataFrame, heads: Sequence[Head], *, condition: str = BASELINE.key) -> pd.DataFrame:
     """Mean sink score (attention on position 0 from the answer rows) of `heads` (the top-5
     contextual heads), averaged over samples: rows tasks, columns lengths (Tables 12-13)."""
     _require(frame, ["task", "length", "condition", "sink_score"])

@@ -109,10 +109,6 @@ def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: 
     return answer_scores(model, sample, answer)
 
 
-def _config_key(model: TransformerBridge, max_new_tokens: int) -> str:
-    return f"contextual|{model_name(model)}|greedy{max_new_tokens}"
-
-
 def score_dataset(
     model: TransformerBridge,
     samples: Sequence[QASample],
@@ -121,24 +117,25 @@ def score_dataset(
     max_new_tokens: int = 32,
     progress: bool = True,
 ) -> list[SampleScores]:
-    """Score every sample; with a store, finished samples are read back instead of recomputed
-    and each new one is committed as soon as it is done (a crash loses at most one sample)."""
-    config = _config_key(model, max_new_tokens)
+    """Score every sample (its greedy answer, no intervention): `fdlib.study.run_study` with the
+    baseline of each input variant, so stored rows are reused and a crash loses at most one
+    sample."""
+    from fdlib.conditions import Condition
+    from fdlib.study import run_study
+
+    conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
+    frame = run_study(model, samples, conditions, store=store, max_new_tokens=max_new_tokens, progress=progress,
+                      desc="scoring samples")
+    by_id = {r.sample_id: r for r in frame.itertuples()}
+    nan = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
     out = []
-    with open_store(store) as db:
-        cached = {r.sample_id: r for r in db.rows(config)} if db is not None else {}
-        for sample in tqdm(samples, desc="scoring samples", disable=not progress):
-            row = cached.get(sample.id)
-            if row is not None:
-                kinds = {k: torch.from_numpy(row.arrays[k]) for k in KINDS}
-                out.append(SampleScores(sample.id, row.record["variant"], row.record["answer"], row.record["em"], kinds))
-                continue
-            result = score_sample(model, sample, max_new_tokens=max_new_tokens)
-            if db is not None:
-                record = {"variant": result.variant, "answer": result.answer, "em": result.em}
-                arrays = {k: v.numpy() for k, v in result.kinds.items()}
-                db.put([Row(sample.id, config, record, arrays)])
-            out.append(result)
+    for sample in samples:
+        r = by_id[sample.id]
+        kinds = {}
+        for k in KINDS:
+            a = getattr(r, f"{k}_score")
+            kinds[k] = torch.from_numpy(np.asarray(a)) if a is not None else nan
+        out.append(SampleScores(sample.id, sample.variant, r.answer, bool(r.score), kinds))
     return out
 
 

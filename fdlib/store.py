@@ -1,7 +1,9 @@
-"""An embedded results store: SQLite, keyed by (sample, configuration), written per sample.
+"""The results store: SQLite, one row per (sample, condition), written one transaction per sample.
 
-Each `put` is one transaction, so a crash or Ctrl-C loses at most the sample in flight and a
-rerun skips every key already present.
+Every row carries the hash of everything that made it (`setup_sha`: model, prompt tokens, the
+heads actually used, the directions' content, the condition's parameter, decoding settings) and
+that setup itself in its record, so a run can tell a row it may reuse from one it must not.
+A crash or a kill loses at most the transaction in flight.
 """
 
 from __future__ import annotations
@@ -10,21 +12,22 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import sqlite3
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS results (
+CREATE TABLE IF NOT EXISTS study_rows (
     sample_id TEXT NOT NULL,
-    config    TEXT NOT NULL,
-    record    TEXT NOT NULL,   -- JSON: answer, em and other scalars
-    arrays    BLOB,            -- npz of named arrays (scores)
-    PRIMARY KEY (sample_id, config)
+    condition TEXT NOT NULL,   -- Condition.key
+    setup_sha TEXT NOT NULL,   -- hash of everything that determined the row
+    record    TEXT NOT NULL,   -- JSON: answer, score, the condition's fields, meta, the setup
+    arrays    BLOB,            -- npz of named arrays (per-head scores)
+    PRIMARY KEY (sample_id, condition)
 )
 """
 
@@ -32,7 +35,8 @@ CREATE TABLE IF NOT EXISTS results (
 @dataclass(frozen=True)
 class Row:
     sample_id: str
-    config: str
+    condition: str
+    setup_sha: str
     record: dict[str, Any]
     arrays: dict[str, np.ndarray]
 
@@ -71,44 +75,64 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def has(self, sample_id: str, config: str) -> bool:
-        cur = self._db.execute("SELECT 1 FROM results WHERE sample_id=? AND config=?", (sample_id, config))
-        return cur.fetchone() is not None
-
     def put(self, rows: Iterable[Row]) -> None:
         """Write rows in one transaction (all or none)."""
         with self._db:
             self._db.executemany(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?)",
-                [(r.sample_id, r.config, json.dumps(r.record), _pack(r.arrays)) for r in rows],
+                "INSERT OR REPLACE INTO study_rows VALUES (?, ?, ?, ?, ?)",
+                [(r.sample_id, r.condition, r.setup_sha, json.dumps(r.record), _pack(r.arrays)) for r in rows],
             )
 
-    def keys(self) -> set[tuple[str, str]]:
-        """Every (sample_id, config) present, without reading the stored arrays."""
-        return set(self._db.execute("SELECT sample_id, config FROM results"))
+    def setups(self) -> dict[tuple[str, str], str]:
+        """(sample_id, condition) -> setup_sha of every stored row, without reading records or arrays."""
+        return {(s, c): h for s, c, h in self._db.execute("SELECT sample_id, condition, setup_sha FROM study_rows")}
 
-    def rows(self, config: str | None = None) -> Iterator[Row]:
-        query = "SELECT sample_id, config, record, arrays FROM results"
+    def record(self, sample_id: str, condition: str) -> dict[str, Any] | None:
+        cur = self._db.execute("SELECT record FROM study_rows WHERE sample_id=? AND condition=?", (sample_id, condition))
+        got = cur.fetchone()
+        return json.loads(got[0]) if got else None
+
+    def rows(self, conditions: Sequence[str] | None = None, *, arrays: bool = True) -> Iterator[Row]:
+        query = f"SELECT sample_id, condition, setup_sha, record, {'arrays' if arrays else 'NULL'} FROM study_rows"
         args: tuple = ()
-        if config is not None:
-            query += " WHERE config=?"
-            args = (config,)
-        for sid, cfg, rec, blob in self._db.execute(query + " ORDER BY rowid", args):
-            yield Row(sid, cfg, json.loads(rec), _unpack(blob))
+        if conditions is not None:
+            query += f" WHERE condition IN ({','.join('?' * len(conditions))})"
+            args = tuple(conditions)
+        for sid, cond, sha, rec, blob in self._db.execute(query + " ORDER BY rowid", args):
+            yield Row(sid, cond, sha, json.loads(rec), _unpack(blob))
 
     def __len__(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        return int(self._db.execute("SELECT COUNT(*) FROM study_rows").fetchone()[0])
 
 
 @contextlib.contextmanager
-def open_store(store: "str | Path | Store | None") -> Iterator["Store | None"]:
-    """Yield a Store for a path (closed afterwards), or pass an open Store / None through
-    untouched (its owner closes it)."""
-    if isinstance(store, (str, Path)):
-        with Store(store) as db:
-            yield db
-    else:
+def open_store(store: "str | Path | Store | None") -> Iterator[Store]:
+    """Yield a Store for a path (closed afterwards), an open Store passed through untouched (its
+    owner closes it), or a throwaway in-memory one for None."""
+    if isinstance(store, Store):
         yield store
+    else:
+        with Store(":memory:" if store is None else store) as db:
+            yield db
+
+
+def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
+    """Merge shard stores into one. A (sample, condition) present twice is kept once when both
+    copies have the same setup, and refused when they differ. Returns the target's row count."""
+    with Store(target) as out:
+        for src in sources:
+            with Store(src) as s:
+                have = out.setups()
+                new = []
+                for r in s.rows():
+                    sha = have.get((r.sample_id, r.condition))
+                    if sha is None:
+                        new.append(r)
+                    elif sha != r.setup_sha:
+                        raise ValueError(f"{src}: row ({r.sample_id}, {r.condition}) was made by another setup than "
+                                         f"the one in {target} ({r.setup_sha} vs {sha}); merge stores of one run only")
+                out.put(new)
+        return len(out)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> Path:

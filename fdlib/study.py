@@ -91,6 +91,13 @@ class StudySample:
         ids = self.sample.input_ids.to("cpu", dtype=torch.int64).numpy().tobytes()
         return hashlib.sha1(ids).hexdigest()[:16]
 
+    @property
+    def relevant_span(self) -> Span:
+        span = self.spans().get("relevant")
+        if span is None:
+            raise ValueError(f"sample {self.id} has no relevant span (a negative NQ input?)")
+        return span
+
     def spans(self) -> dict[str, Span]:
         spans = dict(self.sample.named_spans())
         if "relevant" not in spans:
@@ -119,7 +126,8 @@ def as_study_samples(samples: Sequence[Any]) -> list[StudySample]:
 def kind_scores(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
     """The stored score kinds from recorded span means: `relevant`, `sink`, and with documents
     `irrelevant` (all other documents) and `irmax` (the most-attended other document). A kind the
-    prompt does not define is left out (e.g. relevant on a negative input)."""
+    prompt does not define is left out (relevant on a negative input, irmax on a gold-only one,
+    whose irrelevant score is 0)."""
     out = {k: scores[k] for k in ("relevant", "sink") if k in scores}
     docs = [n for n in spans if n.startswith("doc") and n[3:].isdigit()]
     if docs:
@@ -128,6 +136,8 @@ def kind_scores(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict
         if others:
             stack = torch.stack(others)
             out["irrelevant"], out["irmax"] = stack.sum(0), stack.max(0).values
+        else:
+            out["irrelevant"] = torch.zeros_like(scores["sink"])
     return out
 
 

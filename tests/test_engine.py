@@ -1,0 +1,130 @@
+"""The batched engine (fdlib.engine) against the sequential reference: the bridge's hooks, one
+condition at a time (fdlib.decoding.decode under fdlib's context managers)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import fdlib
+from fdlib.decoding import decode, prefill
+from fdlib.directions import FocusDirections
+from fdlib.engine import RowIntervention, decode_batch
+from fdlib.heads import random_heads
+from fdlib.models import StopTokens, model_name
+from fdlib.reweighting import reweight_span, target_share
+from fdlib.interventions import ablate_heads
+from conftest import build_tiny, fake_samples
+
+
+def _directions(model, placement, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+    return FocusDirections(torch.randn(shape, generator=g), torch.randn(shape, generator=g), model_name(model), placement)
+
+
+def _mixed_rows(model, span):
+    post, pre = _directions(model, "post_rope", 1), _directions(model, "pre_rope", 2)
+    top = ((1, 3), (0, 1), (1, 0))
+    rand = tuple(random_heads(model.cfg.n_layers, model.cfg.n_heads, 3, seed=4))
+    return [
+        RowIntervention(),
+        *[RowIntervention(top, span_map="split", strength=t, span=span) for t in (0.0, 0.1, 0.6, 1000.0)],
+        RowIntervention(rand, span_map="split", strength=0.1, span=span),
+        *[RowIntervention(top, directions=post, alpha=a) for a in (-0.5, 0.8)],
+        RowIntervention(top, directions=pre, alpha=0.6),
+        RowIntervention(rand, directions=post, alpha=0.8),
+        RowIntervention(top, ablate=True),
+        RowIntervention(rand, ablate=True),
+        RowIntervention(top, span_map="odds", strength=0.05, span=span),
+        RowIntervention(top, span_map="boost", strength=9.0, span=span),
+    ]
+
+
+def _reference(model, prefix, row, from_pos, spans, max_new_tokens):
+    if row.span_map is not None:
+        ctx = reweight_span(model, row.heads, row.span, row.span_map, row.strength, from_pos=from_pos)
+    elif row.directions is not None:
+        ctx = fdlib.focus_directions(model, row.directions, row.heads, row.alpha, from_pos=from_pos)
+    elif row.ablate:
+        ctx = ablate_heads(model, row.heads, from_pos=from_pos)
+    else:
+        ctx = contextlib.nullcontext()
+    with ctx:
+        return decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+
+
+@pytest.fixture(scope="module")
+def stopping():
+    """A tiny model whose stop tokens are chosen so that the mixed batch's rows stop at
+    different steps (a random model rarely emits its end-of-text token)."""
+    t = build_tiny(seed=3)
+    sample = fake_samples(1)[0]
+    free = decode_batch(t.model, prefill(t.model, sample.input_ids), _mixed_rows(t.model, sample.gold_span), max_new_tokens=12)
+    # stop on a token early in the longest answer and one late in another long answer: other
+    # rows stop wherever they produce one of those, or run to the budget
+    longest = sorted(free, key=lambda a: -len(a.tokens))
+    eos = {longest[0].tokens[2], longest[1].tokens[-2]}
+    t.model.__dict__["_fdlib_stop_tokens"] = StopTokens(frozenset(eos), frozenset())
+    return t, sample
+
+
+def test_mixed_batch_equals_sequential_reference(stopping):
+    t, sample = stopping
+    model = t.model
+    spans = sample.named_spans()
+    rows = _mixed_rows(model, sample.gold_span)
+    prefix = prefill(model, sample.input_ids)
+    got = decode_batch(model, prefix, rows, spans=spans, max_new_tokens=12)
+    lengths = {len(a.tokens) for a in got}
+    assert len(lengths) >= 2, f"rows should stop at different steps, got lengths {lengths}"
+    for row, answer in zip(rows, got):
+        ref = _reference(model, prefix, row, sample.n_tokens - 1, spans, 12)
+        assert answer.tokens == ref.tokens
+        assert answer.text == ref.text
+        assert set(answer.scores) == set(ref.scores)
+        for name in ref.scores:
+            torch.testing.assert_close(answer.scores[name], ref.scores[name], atol=1e-5, rtol=0)
+    # the prefix is only read: it still serves the sequential path unchanged
+    assert prefix.cache.get_seq_length() == sample.n_tokens - 1
+
+
+def test_rows_do_not_depend_on_their_batch(stopping):
+    t, sample = stopping
+    rows = _mixed_rows(t.model, sample.gold_span)
+    prefix = prefill(t.model, sample.input_ids)
+    together = decode_batch(t.model, prefix, rows, spans=sample.named_spans(), max_new_tokens=12)
+    for i in (0, 3, 10):
+        alone = decode_batch(t.model, prefix, [rows[i]], spans=sample.named_spans(), max_new_tokens=12)[0]
+        assert alone.tokens == together[i].tokens
+        for name in alone.scores:
+            torch.testing.assert_close(alone.scores[name], together[i].scores[name], atol=1e-6, rtol=0)
+
+
+def test_maps_against_hand_formulas():
+    pi = torch.tensor([0.0, 0.02, 0.3, 0.9, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(target_share(pi, "split", 0.5), torch.tensor([0.0, 0.02**0.5, 0.3**0.5, 0.9**0.5, 1.0], dtype=torch.float64))
+    a = 0.25
+    odds = torch.tensor([0.0, 0.02 / (0.02 + a * 0.98), 0.3 / (0.3 + a * 0.7), 0.9 / (0.9 + a * 0.1), 1.0], dtype=torch.float64)
+    torch.testing.assert_close(target_share(pi, "odds", a), odds)
+    torch.testing.assert_close(target_share(pi, "boost", 1 / a), odds)  # boost m = odds 1/m
+    for m in ("split", "odds", "boost"):
+        torch.testing.assert_close(target_share(pi, m, 1.0), pi)  # the identity
+
+
+def test_engine_refuses_before_any_forward(tiny):
+    sample = fake_samples(1)[0]
+    prefix = prefill(tiny.model, sample.input_ids)
+    with pytest.raises(ValueError, match="outside the model"):
+        decode_batch(tiny.model, prefix, [RowIntervention(((5, 0),), ablate=True)])
+    with pytest.raises(ValueError, match="past the sequence"):
+        decode_batch(tiny.model, prefix, [RowIntervention(((0, 0),), span_map="split", strength=0.1, span=fdlib.Span(3, 99))])
+    other = FocusDirections(torch.zeros(2, 4, 16), torch.zeros(2, 4, 16), "another-model")
+    with pytest.raises(ValueError, match="shape"):
+        decode_batch(tiny.model, prefix, [RowIntervention(((0, 0),), directions=other, alpha=0.5)])
+    with pytest.raises(ValueError, match="tau"):
+        RowIntervention(((0, 0),), span_map="split", strength=-1.0, span=fdlib.Span(1, 3))
+    with pytest.raises(ValueError, match="> 0"):
+        RowIntervention(((0, 0),), span_map="odds", strength=0.0, span=fdlib.Span(1, 3))

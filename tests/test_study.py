@@ -1,0 +1,212 @@
+"""The study runner (fdlib.study) and conditions (fdlib.conditions): batched == sequential,
+resume after a kill, rows keyed by everything that made them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fdlib
+from fdlib.conditions import Condition, focus_grid, reweight_grid
+from fdlib.directions import FocusDirections
+from fdlib.models import model_name
+from fdlib.store import Store
+from fdlib.study import run_study, study_frame
+from conftest import fake_samples
+
+RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
+
+
+def _dirs(model, seed=0, placement="post_rope"):
+    g = torch.Generator().manual_seed(seed)
+    shape = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+    return FocusDirections(torch.randn(shape, generator=g), torch.randn(shape, generator=g), model_name(model), placement)
+
+
+def _conditions():
+    return (
+        [Condition.baseline(), Condition.baseline("gold")]
+        + reweight_grid([0.1, 0.0, 1000.0], [1, 3], n_total_heads=8)
+        + [Condition.reweight("odds", 0.05, "contextual", 2), Condition.reweight("boost", 10, "contextual", 2)]
+        + focus_grid([0.5, 0.0], [2], directions="d")
+        + [Condition.focus(0.3, "p", "contextual", 3), Condition.ablate("random", 2, seed=1),
+           Condition.ablate([(0, 1), (1, 1)]), Condition.focus(0.5, "d", [(0, 1)], rows="all")]
+    )
+
+
+def test_condition_keys_labels_and_validation():
+    c = Condition.split(0.1, "contextual", 5)
+    assert c.key == "split|tau=0.1|contextual|k=5" and c.label == "split tau=0.1, contextual k=5"
+    assert Condition.split(0.1, "random", 5, seed=2).key == "split|tau=0.1|random|k=5|seed=2"
+    assert Condition.focus(0.5, "gold-post", "contextual", 5, rows="all").key == "focus|gold-post|alpha=0.5|contextual|k=5|rows=all"
+    assert Condition.ablate([(1, 2), (0, 3)]).key == "ablate|heads=L1H2,L0H3"
+    assert Condition.baseline("gold").key == "baseline|gold"
+    assert Condition.reweight("odds", 0.01, "contextual", 3).key == "odds|a=0.01|contextual|k=3"
+    assert Condition.focus(0.0, "d", "contextual", 2).identity and not Condition.focus(0.1, "d", "contextual", 2).identity
+    for bad in (dict(method="split", value=-1, heads="contextual", k=2), dict(method="split", value=0.1, heads="random", k=2),
+                dict(method="focus", value=float("nan"), directions="d", heads="contextual", k=1),
+                dict(method="focus", value=0.5, heads="contextual", k=1), dict(method="baseline", k=3),
+                dict(method="odds", value=0, heads="contextual", k=1), dict(method="dropout"),
+                dict(method="split", value=0.1, heads="contextual", k=0)):
+        with pytest.raises(ValueError):
+            Condition(**bad)
+
+
+def test_batched_equals_sequential_and_batch_sizes(tiny):
+    samples = fake_samples(3) + fake_samples(3, "gold")
+    dirs = {"d": _dirs(tiny.model), "p": _dirs(tiny.model, 1, "pre_rope")}
+    kw = dict(heads={"contextual": RANKED}, directions=dirs, progress=False, max_new_tokens=8)
+    conds = _conditions()
+    a = run_study(tiny.model, samples, conds, **kw)
+    b = run_study(tiny.model, samples, conds, engine="sequential", **kw)
+    c = run_study(tiny.model, samples, conds, batch_size=3, **kw)
+    assert len(a) == len(b) == len(c) == 3 * (len(conds) - 1) + 3
+    for other in (b, c):
+        assert list(a.answer) == list(other.answer) and list(a.condition) == list(other.condition)
+        for x, y in zip(a.relevant_score, other.relevant_score):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+        for x, y in zip(a.sink_score, other.sink_score):
+            if x is not None:
+                np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+    # the runner's answers are fdlib.decode's under the same hooks (a spot check by hand)
+    s = samples[0]
+    last = s.n_tokens - 1
+    with fdlib.split_softmax(tiny.model, RANKED[:3], s.gold_span, 0.1, from_pos=last):
+        want = fdlib.decode(tiny.model, fdlib.prefill(tiny.model, s.input_ids), max_new_tokens=8).text
+    assert a[(a.sample_id == s.id) & (a.condition == "split|tau=0.1|contextual|k=3")].answer.item() == want
+
+
+def test_store_refuses_rows_of_another_setup(tiny, tmp_path):
+    """The measured case: a store filled with one prompt set and one ranking must not be reused
+    by a run with other prompts or another ranking, nor with other directions."""
+    store = tmp_path / "s.sqlite"
+    samples = fake_samples(2)
+    conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2), Condition.focus(0.5, "d", "contextual", 2)]
+    kw = dict(directions={"d": _dirs(tiny.model)}, progress=False, max_new_tokens=4)
+    first = run_study(tiny.model, samples, conds, heads={"contextual": RANKED}, store=store, **kw)
+    assert len(first) == 6
+    # same setup: nothing recomputed, same rows
+    again = run_study(tiny.model, samples, conds, heads={"contextual": RANKED}, store=store, **kw)
+    assert list(again.answer) == list(first.answer) and len(Store(store)) == 6
+    other_prompt = [replace(s, input_ids=torch.roll(s.input_ids, 1)) for s in samples]  # same ids, other tokens
+    with pytest.raises(ValueError, match="prompt_sha"):
+        run_study(tiny.model, other_prompt, conds, heads={"contextual": RANKED}, store=store, **kw)
+    with pytest.raises(ValueError, match="heads"):
+        run_study(tiny.model, samples, conds, heads={"contextual": RANKED[::-1]}, store=store, **kw)
+    with pytest.raises(ValueError, match="directions_sha"):
+        run_study(tiny.model, samples, conds, heads={"contextual": RANKED}, store=store,
+                  **{**kw, "directions": {"d": _dirs(tiny.model, 5)}})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        run_study(tiny.model, samples, conds, heads={"contextual": RANKED}, store=store, **{**kw, "max_new_tokens": 5})
+    # the same heads in another order are the same intervention
+    reordered = [RANKED[1], RANKED[0]] + RANKED[2:]
+    run_study(tiny.model, samples, conds, heads={"contextual": reordered}, store=store, **kw)
+    # replace=True recomputes and overwrites: no stale row stays
+    new = run_study(tiny.model, other_prompt, conds, heads={"contextual": RANKED}, store=store, replace=True, **kw)
+    assert len(Store(store)) == 6 and set(new.prompt_sha) != set(first.prompt_sha)
+    assert len(study_frame(store, conds, samples=samples)) == 0  # the old prompts' rows are gone
+
+
+_CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from conftest import build_tiny, fake_samples
+from fdlib.conditions import Condition
+from fdlib.store import Store
+from fdlib.study import run_study
+put = Store.put
+def slow_put(self, rows):
+    put(self, rows)
+    time.sleep(0.4)
+Store.put = slow_put
+t = build_tiny()
+conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2), Condition.ablate("random", 2, seed=0)]
+run_study(t.model, fake_samples(12), conds, heads={{"contextual": {ranked!r}}}, store={store!r}, progress=False, max_new_tokens=6)
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path):
+    store = tmp_path / "killed.sqlite"
+    code = _CHILD.format(tests=str(Path(__file__).parent), ranked=RANKED, store=str(store))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if store.exists():
+                try:
+                    with Store(store) as db:
+                        if len(db) >= 6:
+                            break
+                except Exception:
+                    pass
+            if proc.poll() is not None:
+                pytest.fail("the child finished before it could be killed")
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Store(store) as db:
+        partial = len(db)
+    assert 6 <= partial < 36 and partial % 3 == 0, partial  # whole samples only
+    conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2), Condition.ablate("random", 2, seed=0)]
+    kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=6)
+    resumed = run_study(tiny.model, fake_samples(12), conds, store=store, **kw)
+    clean = run_study(tiny.model, fake_samples(12), conds, store=tmp_path / "clean.sqlite", **kw)
+    with Store(store) as db:
+        keys = [(r.sample_id, r.condition) for r in db.rows(arrays=False)]
+    assert len(keys) == len(set(keys)) == 36
+    cols = ["sample_id", "condition", "answer", "score", "setup_sha"] if "setup_sha" in clean else ["sample_id", "condition", "answer", "score"]
+    key = ["sample_id", "condition"]
+    r, c = resumed.sort_values(key).reset_index(drop=True), clean.sort_values(key).reset_index(drop=True)
+    assert r[cols].equals(c[cols])
+    for x, y in zip(r.relevant_score, c.relevant_score):
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+
+
+def test_shards_cover_the_samples_once(tiny, tmp_path):
+    from fdlib.store import merge_stores
+
+    conds = [Condition.baseline(), Condition.split(0.3, "contextual", 2)]
+    kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=4)
+    parts = []
+    for i in range(3):
+        path = tmp_path / f"shard{i}.sqlite"
+        run_study(tiny.model, fake_samples(5), conds, store=path, shard=(i, 3), **kw)
+        parts.append(path)
+    assert merge_stores(parts, tmp_path / "all.sqlite") == 10
+    whole = run_study(tiny.model, fake_samples(5), conds, store=tmp_path / "one.sqlite", **kw)
+    merged = study_frame(tmp_path / "all.sqlite", conds)
+    key = ["sample_id", "condition"]
+    assert list(merged.sort_values(key).answer) == list(whole.sort_values(key).answer)
+
+
+def test_runner_refuses_before_any_forward(tiny):
+    samples = fake_samples(2)
+    with pytest.raises(ValueError, match="ranking 'retrieval'"):
+        run_study(tiny.model, samples, [Condition.split(0.1, "retrieval", 2)], progress=False)
+    with pytest.raises(ValueError, match="needs 9 heads"):
+        run_study(tiny.model, samples, [Condition.split(0.1, "contextual", 9)], heads={"contextual": RANKED}, progress=False)
+    with pytest.raises(ValueError, match="directions 'd'"):
+        run_study(tiny.model, samples, [Condition.focus(0.5, "d", "contextual", 2)], heads={"contextual": RANKED}, progress=False)
+    with pytest.raises(ValueError, match="duplicate"):
+        run_study(tiny.model, samples, [Condition.baseline(), Condition.baseline()], progress=False)
+    with pytest.raises(ValueError, match="input 'gold'"):
+        run_study(tiny.model, samples, [Condition.baseline("gold")], progress=False)
+    with pytest.raises(ValueError, match="no span"):
+        run_study(tiny.model, fake_samples(1, "negative"), [Condition.split(0.1, "contextual", 2, input="negative")],
+                  heads={"contextual": RANKED}, progress=False)
