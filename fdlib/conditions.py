@@ -192,19 +192,22 @@ class Condition:
 
     @property
     def label(self) -> str:
-        """A short human label (a table's column, a legend entry)."""
+        """A short human label (a table's column, a legend entry): the method and its parameter,
+        the heads (a focus condition on the contextual ranking says only k), all rows, and the
+        input where not the long one. The directions set is not in it: tables refuse two
+        conditions sharing a label."""
         if self.is_baseline:
             return "baseline" if self.input == "long" else f"baseline ({self.input})"
-        what = {"split": "split", "odds": "odds", "boost": "boost", "focus": "focus", "ablate": "ablate"}[self.method]
         param = f" {self.parameter}={self.value:g}" if self.parameter else ""
-        heads = self._where_text(" ").replace(" k=", " k=")
+        heads = self._where_text(" ")
+        if self.method == "focus" and self.heads == "contextual":
+            heads = f"k={self.k}"
         extra = "".join(f", {t}" for t in (
-            f"{self.directions}" if self.method == "focus" else "",
             "all rows" if self.rows == "all" else "",
             f"input {self.input}" if self.input != "long" else "",
             f"span {self.span}" if self.span != "relevant" else "",
         ) if t)
-        return f"{what}{param}, {heads}{extra}"
+        return f"{self.method}{param}, {heads}{extra}" if self.method != "ablate" else f"ablate {heads}{extra}"
 
 
 def _where(heads: str | Sequence[Head], k: int | None, seed: int | None) -> dict:

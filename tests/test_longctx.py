@@ -16,7 +16,9 @@ from fdlib import longctx, plots
 from fdlib.directions import FocusDirections
 from fdlib.evaluate import bootstrap_ci
 from fdlib.interventions import ablate_heads
-from fdlib.longctx import BASELINE, Condition, StudySample
+from fdlib.conditions import Condition
+from fdlib.longctx import BASELINE
+from fdlib.study import StudySample
 from fdlib.models import model_name
 from fdlib.store import Row, Store
 from fdlib.tasks import TaskSample
@@ -45,28 +47,15 @@ HEADS = [(1, 0), (0, 2), (1, 3)]
 
 
 def test_condition_keys_labels_and_validation():
-    assert BASELINE.key == "baseline" and BASELINE.label == "baseline"
-    f = Condition("focus", "contextual", 10, alpha=-0.2, directions="focus")
+    assert BASELINE.key == "baseline|long" and BASELINE.label == "baseline"
+    f = Condition.focus(-0.2, "focus", "contextual", 10)
     assert f.key == "focus|focus|alpha=-0.2|contextual|k=10" and f.label == "focus alpha=-0.2, k=10"
-    assert Condition("focus", "contextual", 5, alpha=0.0, directions="d").identity
-    assert not f.identity
-    assert Condition("split", "retrieval", 20, tau=0.1).key == "split|tau=0.1|retrieval|k=20"
-    assert Condition("ablate", "random", 20, rows="all").key == "ablate|random|k=20|rows=all"
+    assert Condition.focus(0.0, "d", "contextual", 5).identity
+    assert Condition.split(0.1, "retrieval", 20).key == "split|tau=0.1|retrieval|k=20"
+    assert Condition.split(0.1, "retrieval", 20).label == "split tau=0.1, retrieval k=20"
+    assert Condition.ablate("random", 20, seed=0, rows="all").key == "ablate|random|k=20|seed=0|rows=all"
+    assert Condition.ablate("contextual", 3).label == "ablate contextual k=3"
     assert [c.label for c in longctx.task_conditions((-0.2, 0.2), (10,))] == ["baseline", "focus alpha=-0.2, k=10", "focus alpha=0.2, k=10"]
-    for bad, match in [
-        (dict(method="nope"), "unknown method"),
-        (dict(heads="contextual"), "baseline takes no"),
-        (dict(method="split", heads="contextual", k=5), "tau"),
-        (dict(method="split", heads="contextual", k=5, tau=-1), "tau"),
-        (dict(method="focus", heads="contextual", k=5, alpha=float("nan"), directions="d"), "alpha must be a finite"),
-        (dict(method="focus", heads="contextual", k=5, alpha=0.5), "directions"),
-        (dict(method="ablate", heads="contextual", k=0), "k must be"),
-        (dict(method="ablate", k=3), "head set"),
-        (dict(method="ablate", heads="contextual", k=3, tau=0.1), "ablation takes"),
-        (dict(method="ablate", heads="contextual", k=3, rows="some"), "rows must be"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            Condition(**bad)
 
 
 def test_sized():
@@ -90,7 +79,7 @@ def _synthetic_frame(seed: int = 0) -> pd.DataFrame:
                 for c in longctx.task_conditions((-0.2, 0.0, 0.2), (10, 20)):
                     rows.append({
                         "sample_id": f"{task}/{length}/{i}", "task": task, "length": length, "method": c.method,
-                        "heads": c.heads, "k": c.k, "tau": c.tau, "alpha": c.alpha, "condition": c.key, "label": c.label,
+                        "heads": c.heads, "k": c.k, "value": c.value, "condition": c.key, "label": c.label,
                         "score": float(rng.integers(0, 2)), "sink_score": rng.random((2, 4)),
                         "relevant_score": rng.random((2, 4)),
                     })
@@ -143,7 +132,7 @@ def test_sink_spread_against_numpy():
     heads = [(0, 1), (1, 3)]
     table = longctx.sink_table(frame, heads)
     assert list(table.index) == ["json_kv", "niah"] and list(table.columns) == [2048, 4096]
-    base = frame[frame.condition == "baseline"]
+    base = frame[frame.condition == "baseline|long"]
     for length in (2048, 4096):
         per_task = []
         for task in ("json_kv", "niah"):
@@ -167,7 +156,7 @@ def test_position_and_condition_tables():
         for p in (1, 10, 20):
             for i in range(4):
                 rows.append({"sample_id": f"q{i}/g{p}", "position": p, "method": c.method, "heads": c.heads, "k": c.k,
-                             "tau": c.tau, "alpha": c.alpha, "condition": c.key, "label": c.label,
+                             "value": c.value, "condition": c.key, "label": c.label,
                              "score": float(rng.integers(0, 2)), "relevant_score": rng.random((2, 4)),
                              "sink_score": None if i == 3 else rng.random((2, 4))})
     frame = pd.DataFrame(rows)
@@ -214,8 +203,8 @@ def test_long_context_figures():
     rows = []
     for c in longctx.lost_conditions():
         for p in (1, 20):
-            rows.append({"position": p, "label": c.label, "method": c.method, "heads": c.heads, "k": c.k, "tau": c.tau,
-                         "alpha": c.alpha, "condition": c.key, "score": 1.0, "relevant_score": np.ones((2, 4))})
+            rows.append({"position": p, "label": c.label, "method": c.method, "heads": c.heads, "k": c.k, "value": c.value,
+                         "condition": c.key, "score": 1.0, "relevant_score": np.ones((2, 4))})
     pos = longctx.position_table(pd.DataFrame(rows), [(0, 0)])
     fig = plots.em_vs_position(pos)
     assert len(fig.data) == 6 and all("customdata" in t.hovertemplate for t in fig.data)
@@ -305,108 +294,6 @@ def test_ablation_validates(tiny):
             pass
 
 
-# --- the engine ------------------------------------------------------------------------------
-
-
-def _conditions():
-    return [
-        BASELINE,
-        Condition("focus", "contextual", 2, alpha=0.0, directions="focus"),
-        Condition("focus", "contextual", 2, alpha=2.0, directions="focus"),
-        Condition("split", "contextual", 3, tau=0.1),
-        Condition("ablate", "contextual", 3),
-        Condition("ablate", "contextual", 2, rows="all"),
-    ]
-
-
-def _run(tiny, samples, store, **kw):
-    longctx.run_conditions(tiny.model, samples, _conditions(), store=store, head_sets={"contextual": HEADS},
-                           directions={"focus": _directions(tiny.model)}, max_new_tokens=4, progress=False, **kw)
-
-
-def _comparable(frame: pd.DataFrame) -> pd.DataFrame:
-    f = frame.sort_values(["sample_id", "condition"]).reset_index(drop=True)
-    for col in ("relevant_score", "sink_score"):
-        f[col] = [None if a is None else np.round(a, 6).tolist() for a in f[col]]
-    return f
-
-
-def test_engine_rows_and_identity(tiny, monkeypatch):
-    samples = [_task_sample(tiny.tokenizer, i) for i in range(2)]
-    calls = []
-    real = longctx.decode_condition
-    monkeypatch.setattr(longctx, "decode_condition", lambda m, s, p, c, *a, **k: calls.append(c.key) or real(m, s, p, c, *a, **k))
-    with Store(":memory:") as db:
-        _run(tiny, samples, db)
-        frame = longctx.study_frame(db)
-        assert len(frame) == 2 * len(_conditions())
-        assert set(longctx.study_frame(db, samples=samples[:1]).sample_id) == {samples[0].id}
-        assert len(longctx.study_frame(db, [BASELINE], tag=longctx.config_tag(tiny.model, 4))) == 2
-        assert longctx.study_frame(db, tag=longctx.config_tag(tiny.model, 32)).empty  # another answer budget
-    assert "focus|focus|alpha=0|contextual|k=2" not in calls  # alpha = 0 is not decoded again
-    assert len(calls) == 2 * (len(_conditions()) - 1)
-    by = frame.set_index(["sample_id", "condition"])
-    for s in samples:
-        base, zero = by.loc[(s.id, "baseline")], by.loc[(s.id, "focus|focus|alpha=0|contextual|k=2")]
-        assert zero.answer == base.answer and zero.identity and not base.identity
-        assert zero.head_list == ["L1H0", "L0H2"] and base.head_list == []
-        assert base.task == "niah" and base.length == 38 and base.score == float(fdlib.best_subspan_em(base.answer, s.sample.answers))
-        if base.n_answer_tokens:
-            assert base.relevant_score.shape == base.sink_score.shape == (2, 4)
-
-
-def test_engine_resumes_after_an_interruption(tiny, tmp_path, monkeypatch):
-    samples = [_task_sample(tiny.tokenizer, i) for i in range(3)]
-    _run(tiny, samples, tmp_path / "clean.sqlite")
-    clean = longctx.study_frame(tmp_path / "clean.sqlite")
-
-    real = longctx.decode_condition
-
-    def interrupted(model, sample, *args, **kwargs):
-        if sample.id == samples[1].id:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of the second sample
-        return real(model, sample, *args, **kwargs)
-
-    part = tmp_path / "part.sqlite"
-    monkeypatch.setattr(longctx, "decode_condition", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tiny, samples, part)
-    with Store(part) as db:
-        assert {sid for sid, _ in db.keys()} == {samples[0].id}  # the first sample only, whole
-        assert len(db) == len(_conditions())
-    seen = []
-    monkeypatch.setattr(longctx, "decode_condition", lambda m, s, *a, **k: seen.append(s.id) or real(m, s, *a, **k))
-    _run(tiny, samples, part)
-    assert samples[0].id not in seen  # stored rows are skipped
-    pd.testing.assert_frame_equal(_comparable(longctx.study_frame(part)), _comparable(clean))
-    seen.clear()
-    _run(tiny, samples, part)  # a finished run does nothing
-    assert seen == []
-
-
-def test_engine_checks_before_any_forward(tiny, monkeypatch):
-    def no_forward(*args, **kwargs):
-        raise AssertionError("a forward ran before the inputs were checked")
-
-    monkeypatch.setattr(longctx, "prefill", no_forward)
-    monkeypatch.setattr(longctx, "decode_condition", no_forward)
-    ok = [_task_sample(tiny.tokenizer, 0)]
-    too_long = [_task_sample(tiny.tokenizer, 1, n=100)]  # 100 + 32 answer tokens > 128
-    kw = dict(store=":memory:", head_sets={"contextual": HEADS}, directions={"focus": _directions(tiny.model)}, progress=False)
-    with pytest.raises(ValueError, match="exceed the model's context window of 128"):
-        longctx.run_conditions(tiny.model, ok + too_long, [BASELINE], max_new_tokens=32, **kw)
-    with pytest.raises(ValueError, match="needs head set 'retrieval'"):
-        longctx.run_conditions(tiny.model, ok, [Condition("ablate", "retrieval", 2)], **kw)
-    with pytest.raises(ValueError, match="needs 4 heads"):
-        longctx.run_conditions(tiny.model, ok, [Condition("ablate", "contextual", 4)], **kw)
-    with pytest.raises(ValueError, match="needs directions 'other'"):
-        longctx.run_conditions(tiny.model, ok, [Condition("focus", "contextual", 2, alpha=1.0, directions="other")], **kw)
-    with pytest.raises(ValueError, match="duplicate conditions"):
-        longctx.run_conditions(tiny.model, ok, [BASELINE, BASELINE], **kw)
-    with pytest.raises(ValueError, match="duplicate sample ids"):
-        longctx.run_conditions(tiny.model, ok + ok, [BASELINE], **kw)
-
-
 def test_study_length_above_window_raises_before_any_sample(tiny, monkeypatch):
     def no_samples(*args, **kwargs):
         raise AssertionError("samples were built before the lengths were checked")
@@ -430,42 +317,3 @@ def test_hook_z_on_the_default_model(smol):
     with fdlib.hooks(smol, [("blocks.0.attn.hook_z", lambda z, hook: shapes.append(tuple(z.shape)))]):
         smol(torch.arange(5, 9)[None], return_type=None)
     assert shapes == [(1, 4, smol.cfg.n_heads, smol.cfg.d_head)]
-
-
-def test_store_of_another_ranking_is_refused(tiny):
-    samples = [_task_sample(tiny.tokenizer, 0)]
-    cond = [Condition("ablate", "contextual", 2)]
-    with Store(":memory:") as db:
-        longctx.run_conditions(tiny.model, samples, cond, store=db, head_sets={"contextual": HEADS}, max_new_tokens=2, progress=False)
-        with pytest.raises(ValueError, match="used heads \\['L1H0', 'L0H2'\\], this run uses \\['L0H0', 'L0H2'\\]"):
-            longctx.run_conditions(tiny.model, samples, cond, store=db, head_sets={"contextual": [(0, 0), (0, 2)]},
-                                   max_new_tokens=2, progress=False)
-        # The same two heads ranked in another order: the same intervention, so the rows resume.
-        longctx.run_conditions(tiny.model, samples + [_task_sample(tiny.tokenizer, 1)], cond, store=db,
-                               head_sets={"contextual": [(0, 2), (1, 0)]}, max_new_tokens=2, progress=False)
-        assert len(db) == 2
-
-
-def test_store_of_another_prompt_is_refused(tiny):
-    """Rows are keyed by sample id: a sample whose prompt changed under the same id (a new
-    generator version) must not resume from the old rows."""
-    sample = _task_sample(tiny.tokenizer, 0)
-    changed = StudySample(replace(sample.sample, input_ids=sample.sample.input_ids.flip(0)), sample.meta)
-    assert changed.id == sample.id and changed.fingerprint != sample.fingerprint
-    kw = dict(max_new_tokens=2, progress=False)
-    with Store(":memory:") as db:
-        longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)
-        assert longctx.study_frame(db).prompt_sha.tolist() == [sample.fingerprint]
-        longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)  # same prompt: resumes
-        with pytest.raises(ValueError, match=f"sample {sample.id!r} have prompt {sample.fingerprint}, this run's prompt is {changed.fingerprint}"):
-            longctx.run_conditions(tiny.model, [changed], [BASELINE], store=db, **kw)
-        old = next(iter(db.rows()))
-        db.put([Row(old.sample_id, old.config, {k: v for k, v in old.record.items() if k != "prompt_sha"}, old.arrays)])
-        with pytest.raises(ValueError, match="no prompt fingerprint \\(an older fdlib\\)"):
-            longctx.run_conditions(tiny.model, [sample], [BASELINE], store=db, **kw)
-
-
-def test_head_scores_table():
-    t = longctx.head_scores_table([(1, 0), (0, 1)], {"retrieval": torch.tensor([[0.0, 0.5], [0.25, 0.0]]), "relevant": np.ones((2, 2))})
-    assert list(t.index) == ["L1H0", "L0H1"] and t["retrieval score"].tolist() == [0.25, 0.5]
-    assert t["relevant score"].tolist() == [1.0, 1.0]

@@ -5,8 +5,11 @@ import pytest
 from conftest import fake_samples
 
 import fdlib.sweeps as sweeps
-from fdlib.store import Store
-from fdlib.sweeps import QuestionInputs, SweepConfig, merge_stores, run_sweep, split_grid, sweep_frame
+import fdlib.study as study
+from fdlib.conditions import Condition
+from fdlib.heads import random_heads
+from fdlib.store import Store, merge_stores
+from fdlib.sweeps import QuestionInputs, run_sweep, split_grid, sweep_frame
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 1), (1, 1)]
 
@@ -21,38 +24,22 @@ def configs():
 
 def table(path):
     f = sweep_frame(path)
-    return f.sort_values(["question", "config"]).reset_index(drop=True)[["question", "config", "answer", "em"]]
+    return f.sort_values(["sample_id", "condition"]).reset_index(drop=True)[["sample_id", "condition", "answer", "em"]]
 
 
 def test_grid_shapes_and_keys():
     g = configs()
     assert len(g) == 3 + 2 * 2 * 2 and len({c.key for c in g}) == len(g)
-    assert SweepConfig(tau=0.3, heads="random", k=5, seed=1).key == "split|tau=0.3|random|k=5|seed=1"
+    assert Condition.split(0.3, "random", 5, seed=1).key == "split|tau=0.3|random|k=5|seed=1"
     full = split_grid("full", n_total_heads=270)
-    assert max(c.k for c in full if c.k) == 270 and {c.tau for c in full if c.tau} == {0.1, 0.3, 0.6, 1.5, 1000.0}
-
-
-@pytest.mark.parametrize(
-    "kw,match",
-    [
-        (dict(tau=-1.0, heads="contextual", k=1), "tau"),
-        (dict(tau=0.5, heads="contextual", k=0), "k must be"),
-        (dict(tau=0.5, heads="random", k=2), "seed"),
-        (dict(tau=0.5, heads="best", k=2), "heads must be"),
-        (dict(input="gold", tau=0.5, heads="contextual", k=2), "long input"),
-        (dict(input="short"), "unknown input"),
-        (dict(k=3), "baseline takes no"),
-    ],
-)
-def test_bad_configs(kw, match):
-    with pytest.raises(ValueError, match=match):
-        SweepConfig(**kw)
+    assert max(c.k for c in full if c.k) == 270 and {c.value for c in full if c.method == "split"} == {0.1, 0.3, 0.6, 1.5, 1000.0}
+    assert not any(c.k == 270 and c.heads == "random" for c in full)  # at k = all heads random = contextual
 
 
 def test_random_heads_reproducible_and_distinct():
-    a = sweeps.random_heads(30, 9, 20, seed=3)
-    assert a == sweeps.random_heads(30, 9, 20, seed=3) and len(set(a)) == 20
-    assert a != sweeps.random_heads(30, 9, 20, seed=4)
+    a = random_heads(30, 9, 20, seed=3)
+    assert a == random_heads(30, 9, 20, seed=3) and len(set(a)) == 20
+    assert a != random_heads(30, 9, 20, seed=4)
 
 
 def test_interrupted_sweep_resumes_to_the_same_table(tiny, tmp_path, monkeypatch):
@@ -61,20 +48,20 @@ def test_interrupted_sweep_resumes_to_the_same_table(tiny, tmp_path, monkeypatch
     clean = table(tmp_path / "clean.sqlite")
     assert len(clean) == len(qs) * len(cfgs)
 
-    real, calls = sweeps.run_config, {"n": 0}
+    real, calls = study.decode_batch, {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 2 * len(cfgs) + 3:  # Ctrl-C in the middle of the third question
+        if calls["n"] == 2 * 3 + 2:  # Ctrl-C in the middle of the third question (3 variants each)
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(sweeps, "run_config", dying)
+    monkeypatch.setattr(study, "decode_batch", dying)
     path = tmp_path / "resumed.sqlite"
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
     assert len(Store(path)) == 2 * len(cfgs)  # two whole questions, nothing of the third
-    monkeypatch.setattr(sweeps, "run_config", real)
+    monkeypatch.setattr(study, "decode_batch", real)
     run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
     pd.testing.assert_frame_equal(table(path), clean)
 
@@ -86,7 +73,7 @@ def test_shards_merge_without_duplicates(tiny, tmp_path):
     for i in range(3):
         parts.append(tmp_path / f"shard{i}.sqlite")
         run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=parts[-1], shard=(i, 3), progress=False)
-    assert [len(Store(p)) for p in parts] == [2 * 5, 2 * 5, 1 * 5]
+    assert [len(Store(p)) for p in parts] == [2 * 5, 2 * 5, 1 * 5]  # whole questions per shard
     n = merge_stores(parts + [parts[0]], tmp_path / "merged.sqlite")  # a shard merged twice
     assert n == 25
     pd.testing.assert_frame_equal(table(tmp_path / "merged.sqlite"), table(tmp_path / "all.sqlite"))
@@ -96,30 +83,18 @@ def test_shards_merge_without_duplicates(tiny, tmp_path):
 
 def test_intervention_changes_scores_in_the_expected_direction(tiny, tmp_path):
     qs = questions(2)
-    cfgs = [SweepConfig(), SweepConfig(tau=0.05, heads="contextual", k=5), SweepConfig(tau=50.0, heads="contextual", k=5)]
+    cfgs = [Condition.baseline(), Condition.split(0.05, "contextual", 5), Condition.split(50.0, "contextual", 5)]
     run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "s.sqlite", progress=False)
-    rows = {(r.sample_id, r.record["config"]): r for r in Store(tmp_path / "s.sqlite").rows()}
+    rows = {(r.sample_id, r.condition): r for r in Store(tmp_path / "s.sqlite").rows()}
     for q in qs:
-        base, up, down = (rows[(q.id, c.key)].arrays["gold_score"] for c in cfgs)
+        base, up, down = (rows[(q.long.id, c.key)].arrays["relevant"] for c in cfgs)
         for l, h in RANKED:  # tau < 1 raises the gold share of the chosen heads, tau > 1 lowers it
             assert up[l, h] > base[l, h] > down[l, h]
 
 
-def test_focus_configs_keys_and_validation():
-    c = SweepConfig(alpha=0.3, directions="gold-post", heads="random", k=5, seed=1)
-    assert c.key == "focus|gold-post|alpha=0.3|random|k=5|seed=1" and c.method == "focus"
-    assert SweepConfig(alpha=-0.2, directions="d", heads="contextual", k=2, rows="all").key == "focus|d|alpha=-0.2|contextual|k=2|rows=all"
-    for kw, match in [
-        (dict(alpha=0.3, heads="contextual", k=1), "name of a directions set"),
-        (dict(alpha=0.3, tau=0.5, directions="d", heads="contextual", k=1), "one intervention"),
-        (dict(alpha=float("nan"), directions="d", heads="contextual", k=1), "finite"),
-        (dict(tau=0.5, heads="contextual", k=1, rows="all"), "split-softmax takes no"),
-        (dict(alpha=0.3, directions="d", heads="contextual", k=1, rows="some"), "rows must be"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            SweepConfig(**kw)
+def test_focus_grid():
     grid = sweeps.focus_grid("full", directions="d", random_alphas=(0.5,))
-    assert len(grid) == 3 + 8 * 6 + 6 and 0.0 not in {c.alpha for c in grid}
+    assert len(grid) == 3 + 8 * 6 + 6 and 0.0 not in {c.value for c in grid if c.method == "focus"}
 
 
 def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
@@ -130,13 +105,12 @@ def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
 
     qs = questions(2)
     dirs = random_dirs(tiny, "post_rope", scale=2.0)
-    cfgs = [SweepConfig(), SweepConfig(alpha=1.0, directions="r", heads="contextual", k=3),
-            SweepConfig(alpha=1.0, directions="r", heads="contextual", k=3, rows="all"),
-            SweepConfig(alpha=1.0, directions="r", heads="random", k=3, seed=0)]
+    cfgs = [Condition.baseline(), Condition.focus(1.0, "r", "contextual", 3),
+            Condition.focus(1.0, "r", "contextual", 3, rows="all"), Condition.focus(1.0, "r", "random", 3, seed=0)]
     with pytest.raises(ValueError, match="needs directions 'r'"):
         run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "x.sqlite", progress=False)
     run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=tmp_path / "f.sqlite", progress=False, directions={"r": dirs})
-    rows = {(r.sample_id, r.record["config"]): r for r in Store(tmp_path / "f.sqlite").rows()}
+    rows = {(r.sample_id.split("/")[0], r.condition): r for r in Store(tmp_path / "f.sqlite").rows()}
     for q in qs:
         s = q.long
         with focus_directions(tiny.model, dirs, RANKED[:3], 1.0, from_pos=0):  # an independent full re-run
@@ -145,7 +119,7 @@ def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
             want_resp = decode(tiny.model, prefill(tiny.model, s.input_ids, fast=False), max_new_tokens=32).text
         assert rows[(q.id, cfgs[2].key)].record["answer"] == want_all
         assert rows[(q.id, cfgs[1].key)].record["answer"] == want_resp
-        base, steered = rows[(q.id, cfgs[0].key)].arrays["gold_score"], rows[(q.id, cfgs[1].key)].arrays["gold_score"]
+        base, steered = rows[(q.id, cfgs[0].key)].arrays["relevant"], rows[(q.id, cfgs[1].key)].arrays["relevant"]
         assert any(abs(float(steered[l, h] - base[l, h])) > 1e-4 for l, h in RANKED[:3])
     t = sweeps.em_table(sweep_frame(tmp_path / "f.sqlite"))
     assert set(t.method) == {"baseline", "focus"} and set(t[t.method == "focus"].rows) == {"response", "all"}
