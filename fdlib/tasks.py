@@ -2,7 +2,8 @@
 length in tokens, with the exact token span of what the answer needs.
 
 Every generator takes a tokenizer (or a model: its tokenizer and context window are used) and
-returns `TaskSample`s whose prompt, in the tokenizer's chat template, has between
+returns `TaskSample`s whose prompt, in the tokenizer's chat template (a base model without one:
+the plain prompt after its BOS token, `fdlib.data.encode_prompt`), has between
 `(1 - LENGTH_TOLERANCE) * n_tokens` and `n_tokens` tokens (never more; ~1% under in practice on
 SmolLM2 at 2k-8k; at very short lengths JSON may end up to one ~65-token pair under). Leave room
 for the answer: decoding needs `n_tokens + max_new_tokens` within the model's window.
@@ -61,12 +62,15 @@ from torch import Tensor
 
 from fdlib.data import (
     Document,
+    EncodedPrompt,
     NQBuilder,
     NQExample,
+    PromptFormat,
     build_sample,
     char_span_to_tokens,
-    chat_text,
+    encode_prompt,
     load_nq,
+    prompt_format,
     render_prompt,
     sized,
     split_examples,
@@ -159,6 +163,7 @@ class TaskSample:
     extra_spans: dict[str, Span] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     sink_span: Span = field(default_factory=lambda: Span(0, 1))
+    prompt_format: PromptFormat = "chat"  # "chat": in the chat template; "base": BOS + plain prompt
 
     def __post_init__(self) -> None:
         clash = {"relevant", "sink"} & set(self.extra_spans)
@@ -215,6 +220,7 @@ def _prepare(
     is tokenised; then the tokenizer and each sample's depth (one per sample of the size)."""
     check_context(tokenizer_or_model, n_tokens, max_context)
     tokenizer, _ = _split_model(tokenizer_or_model)
+    prompt_format(tokenizer)  # refuses a tokenizer with neither a chat template nor BOS, up front
     return tokenizer, _depths(depth, task_size(size), task, seed)
 
 
@@ -268,24 +274,17 @@ class _Rendered:
     content: str
     chars: dict[str, tuple[int, int]]
     info: dict[str, Any] = field(default_factory=dict)
-    answer_prefix: str = ""  # the start of the model's answer, after the chat template
+    answer_prefix: str = ""  # the start of the model's answer (after the chat template's assistant header)
 
 
-@dataclass(frozen=True)
-class _Encoded:
-    text: str
-    shift: int  # where the content starts inside `text`
-    ids: list[int]
-    offsets: list[tuple[int, int]]
+_Encoded = EncodedPrompt  # text, shift (where the content starts in text), ids, offsets, format
 
 
 def _encode(tokenizer: Any, content: str, answer_prefix: str = "") -> _Encoded:
     """The content inside the chat template (as `fdlib.data.build_sample` does), then the answer
-    prefix (RULER's way: the model's turn already begins with it), tokenised."""
-    text, shift = chat_text(tokenizer, content)
-    text += answer_prefix
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return _Encoded(text, shift, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+    prefix (RULER's way: the model's turn already begins with it), tokenised; for a base model
+    BOS + the content + the answer prefix (`fdlib.data.encode_prompt`)."""
+    return encode_prompt(tokenizer, content, answer_prefix)
 
 
 @dataclass(frozen=True)
@@ -389,6 +388,7 @@ def _sample(
         depth=depth,
         extra_spans=spans,
         info=dict(rendered.info),
+        prompt_format=enc.prompt_format,
     )
 
 
