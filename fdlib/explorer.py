@@ -37,73 +37,37 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.data import QASample
 from fdlib.decoding import Prefix, check_length, decode, hooks
-from fdlib.directions import FocusDirections, focus_directions
+from fdlib.directions import FocusDirections
 from fdlib.evaluate import best_subspan_em
-from fdlib.interventions import Head, check_heads, check_tau, split_softmax
+from fdlib.conditions import Condition
+from fdlib.interventions import Head, check_heads
+from fdlib.study import StudySample, intervention
 from fdlib.scoring import KIND_LABELS, KINDS, head_label, kind_scores, top_heads
 from fdlib.spans import Span
 
 InterventionKind = Literal["none", "split_softmax", "focus"]
-INTERVENTIONS: tuple[str, ...] = ("none", "split_softmax", "focus")
+INTERVENTIONS: tuple[str, ...] = ("none", "split_softmax", "focus")  # the explorer's menu
+DIRECTIONS = "explorer"  # the name the explorer's one directions set goes by in its conditions
+NO_INTERVENTION = Condition.baseline()
 
 
-@dataclass(frozen=True)
-class Intervention:
-    """What to do to the chosen heads while answering. Canonical (fields that do not apply are
-    reset), so two equal settings compare and hash equal: the explorer caches answers by it."""
-
-    kind: InterventionKind = "none"
-    heads: tuple[Head, ...] = ()
-    tau: float = 1.0  # split-softmax: the gold document's mass pi becomes pi**tau
-    alpha: float = 0.0  # focus directions: alpha * d_Q added to the queries
-
-    def __post_init__(self) -> None:
-        if self.kind not in INTERVENTIONS:
-            raise ValueError(f"unknown intervention {self.kind!r}: expected one of {INTERVENTIONS}")
-        if self.kind == "none":
-            object.__setattr__(self, "heads", ())
-            object.__setattr__(self, "tau", 1.0)
-            object.__setattr__(self, "alpha", 0.0)
-            return
-        heads = tuple((int(l), int(h)) for l, h in self.heads)
-        if not heads:
-            raise ValueError(f"intervention {self.kind!r} needs at least one head")
-        object.__setattr__(self, "heads", heads)
-        if self.kind == "split_softmax":
-            object.__setattr__(self, "tau", check_tau(self.tau))
-            object.__setattr__(self, "alpha", 0.0)
-        else:
-            alpha = float(self.alpha)
-            if not math.isfinite(alpha):
-                raise ValueError(f"alpha must be a finite number, got {self.alpha!r}")
-            object.__setattr__(self, "alpha", alpha)
-            object.__setattr__(self, "tau", 1.0)
-
-    @property
-    def label(self) -> str:
-        if self.kind == "none":
-            return "no intervention"
-        what = f"split-softmax tau={self.tau:g}" if self.kind == "split_softmax" else f"focus directions alpha={self.alpha:g}"
-        return f"{what} on {len(self.heads)} head{'s' * (len(self.heads) != 1)}"
-
-    def context(
-        self, model: TransformerBridge, sample: QASample, directions: FocusDirections | None = None
-    ) -> ContextManager[None]:
-        """The intervention as a context manager acting from the last prompt row on, so that it
-        works on a prefix shared with every other setting."""
-        from_pos = sample.n_tokens - 1
-        if self.kind == "none":
-            return contextlib.nullcontext()
-        if self.kind == "split_softmax":
-            if sample.gold_span is None:
-                raise ValueError(f"sample {sample.id} has no gold document: split-softmax needs one to re-weight")
-            return split_softmax(model, self.heads, sample.gold_span, self.tau, from_pos=from_pos)
-        if directions is None:
-            raise ValueError("focus directions need trained directions: pass directions=FocusDirections")
-        return focus_directions(model, directions, self.heads, self.alpha, from_pos=from_pos)
+def intervention_context(
+    model: TransformerBridge, condition: Condition, sample: QASample, directions: FocusDirections | None = None
+) -> ContextManager[None]:
+    """A condition with an explicit head list as hooks acting from the last prompt row on, so it
+    works on a prefix shared with every other setting (`fdlib.study.intervention`)."""
+    if condition.is_reweight and sample.gold_span is None:
+        raise ValueError(f"sample {sample.id} has no gold document: split-softmax needs one to re-weight")
+    if condition.method == "focus" and directions is None:
+        raise ValueError("focus directions need trained directions: pass directions=FocusDirections")
+    if condition.rows != "response":
+        raise ValueError(f"the explorer decodes from a shared prefix: rows must be 'response', got {condition.rows!r}")
+    return intervention(model, condition, list(condition.head_list or ()), StudySample(sample),
+                        {DIRECTIONS: directions} if directions is not None else {})
 
 
-NO_INTERVENTION = Intervention()
+def _heads_of(condition: Condition) -> tuple[Head, ...]:
+    return tuple(condition.head_list or ())
 
 
 class HeadRowRecorder:
@@ -160,7 +124,7 @@ class HeadView:
 
     sample_id: str
     head: Head
-    intervention: Intervention
+    intervention: Condition
     answer: str
     answer_tokens: tuple[int, ...]
     em: bool
@@ -207,7 +171,7 @@ def explore_sample(
     sample: QASample,
     prefix: Prefix,
     head: Head,
-    intervention: Intervention = NO_INTERVENTION,
+    intervention: Condition = NO_INTERVENTION,
     *,
     directions: FocusDirections | None = None,
     max_new_tokens: int = 32,
@@ -218,7 +182,7 @@ def explore_sample(
     head = _one_head(model, head)
     _check_prefix(sample, prefix)
     rows = HeadRowRecorder(head, from_pos=sample.n_tokens, n_cols=sample.n_tokens)
-    with intervention.context(model, sample, directions):
+    with intervention_context(model, intervention, sample, directions):
         answer = decode(
             model, prefix, max_new_tokens=max_new_tokens, spans=sample.named_spans(), extra_hooks=rows.fwd_hooks()
         )
@@ -237,7 +201,7 @@ def head_token_attention(
     prefix: Prefix,
     answer_tokens: Sequence[int],
     head: Head,
-    intervention: Intervention = NO_INTERVENTION,
+    intervention: Condition = NO_INTERVENTION,
     *,
     directions: FocusDirections | None = None,
 ) -> Float[Tensor, "pos"]:
@@ -254,7 +218,7 @@ def head_token_attention(
     ids = torch.cat([prefix.tokens[-1:], torch.as_tensor(list(answer_tokens), dtype=torch.long, device=device)])
     keep = prefix.length - 1
     try:
-        with intervention.context(model, sample, directions), hooks(model, rows.fwd_hooks()):
+        with intervention_context(model, intervention, sample, directions), hooks(model, rows.fwd_hooks()):
             model(ids[None, :], past_key_values=prefix.cache, return_type=None)
     finally:
         # Each layer back to the prompt by its own excess: after a failure midway through the
@@ -409,7 +373,7 @@ class HeadExplorer:
         self._cache_size = cache_size
         self._prefixes: dict[int, Prefix] = {}
         self._tokens: dict[int, list[str]] = {}
-        self._views: OrderedDict[tuple[int, Intervention, Head], HeadView] = OrderedDict()
+        self._views: OrderedDict[tuple[int, Condition, Head], HeadView] = OrderedDict()
 
         # --- controls ---
         style = {"description_width": "initial"}
@@ -515,16 +479,16 @@ class HeadExplorer:
         head = self.head if self.head is not None else (0, 0)
         return self._view(index, head, NO_INTERVENTION)[0].kinds["relevant"]
 
-    def current_intervention(self) -> Intervention:
+    def current_intervention(self) -> Condition:
         kind = self.intervention_dropdown.value
         if kind == "none":
             return NO_INTERVENTION
-        heads = tuple(top_heads(self.ranking(self.sample_index), int(self.top_k_slider.value)))
+        heads = top_heads(self.ranking(self.sample_index), int(self.top_k_slider.value))
         if kind == "split_softmax":
-            return Intervention("split_softmax", heads, tau=float(self.tau_slider.value))
-        return Intervention("focus", heads, alpha=float(self.alpha_slider.value))
+            return Condition.split(float(self.tau_slider.value), heads)
+        return Condition.focus(float(self.alpha_slider.value), DIRECTIONS, heads)
 
-    def _view(self, index: int, head: Head, intervention: Intervention) -> tuple[HeadView, str]:
+    def _view(self, index: int, head: Head, intervention: Condition) -> tuple[HeadView, str]:
         key = (index, intervention, head)
         if key in self._views:
             self._views.move_to_end(key)
@@ -606,7 +570,7 @@ class HeadExplorer:
         layer, h = view.head
         label = head_label(layer, h)
         z = self.heatmap_scores().numpy().astype(float)
-        marked = view.intervention.heads
+        marked = _heads_of(view.intervention)
         name = KIND_LABELS[self.kind]
         with self.heatmap.batch_update():
             hm = self.heatmap.data[0]
@@ -667,7 +631,7 @@ class HeadExplorer:
         sample = next(s for s in self.samples if s.id == v.sample_id)
         return plots.explorer_snapshot(
             self.heatmap_scores(), v.doc_attention.numpy(), sample.gold_index, head=v.head,
-            score_name=KIND_LABELS[self.kind], marked=v.intervention.heads,
+            score_name=KIND_LABELS[self.kind], marked=_heads_of(v.intervention),
             titles=[d.title for d in sample.documents],
             title=title or f"{sample.question} -> {v.answer!r} ({v.intervention.label})",
         )

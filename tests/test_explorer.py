@@ -16,6 +16,7 @@ import torch
 import fdlib
 from conftest import fake_samples
 from fdlib import explorer as E
+from fdlib.conditions import Condition
 from fdlib import plots
 from fdlib.decoding import decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
@@ -71,7 +72,7 @@ def test_explore_sample_matches_eager_reference(tiny, samples):
 def test_teacher_forced_head_switch_equals_decode_rows(tiny, samples):
     sample = samples[1]
     prefix = prefill(tiny.model, sample.input_ids)
-    split = E.Intervention("split_softmax", ((1, 0), (0, 2)), tau=0.2)
+    split = Condition.split(0.2, ((1, 0), (0, 2)))
     for intervention in (E.NO_INTERVENTION, split):
         first = E.explore_sample(tiny.model, sample, prefix, (0, 0), intervention)
         for head in [(1, 0), (0, 3), (1, 2)]:
@@ -108,7 +109,7 @@ def test_split_softmax_rows_against_reference(tiny, samples):
     rows = eager_attention(tiny.hf, full)[0][0, 2, L - 1 :, :]  # from the last prompt row on
     expected = reference_split(rows, sample.gold_span, tau)[1:, :L].mean(0).float()
     got = E.head_token_attention(
-        tiny.model, sample, prefix, base.answer_tokens, (0, 2), E.Intervention("split_softmax", ((0, 2),), tau=tau)
+        tiny.model, sample, prefix, base.answer_tokens, (0, 2), Condition.split(tau, ((0, 2),))
     )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert float(got[sample.gold_span.slice].sum()) > float(base.token_attention[sample.gold_span.slice].sum())
@@ -120,7 +121,7 @@ def test_focus_directions_view_equals_manual_decode(tiny, samples):
     dirs = FocusDirections(torch.randn_like(dirs.d_q) * 3, torch.randn_like(dirs.d_k) * 3, dirs.model_name)
     sample = samples[0]
     prefix = prefill(tiny.model, sample.input_ids)
-    iv = E.Intervention("focus", ((1, 1), (0, 0)), alpha=0.8)
+    iv = Condition.focus(0.8, E.DIRECTIONS, ((1, 1), (0, 0)))
     view = E.explore_sample(tiny.model, sample, prefix, (1, 1), iv, directions=dirs)
     with focus_directions(tiny.model, dirs, [(1, 1), (0, 0)], 0.8, from_pos=sample.n_tokens - 1):
         manual = decode(tiny.model, prefix)
@@ -129,19 +130,16 @@ def test_focus_directions_view_equals_manual_decode(tiny, samples):
         E.explore_sample(tiny.model, sample, prefix, (1, 1), iv)
 
 
-def test_intervention_validation_and_canonical_form():
-    assert E.Intervention("none", heads=((1, 1),), tau=0.3) == E.NO_INTERVENTION
-    a = E.Intervention("split_softmax", [(1, 2)], tau=0.5, alpha=9.0)
-    assert a == E.Intervention("split_softmax", ((1, 2),), tau=0.5) and hash(a) == hash(E.Intervention("split_softmax", ((1, 2),), tau=0.5))
-    assert "tau=0.5 on 1 head" in a.label
-    with pytest.raises(ValueError, match="unknown intervention"):
-        E.Intervention("dropout", ((0, 0),))
-    with pytest.raises(ValueError, match="at least one head"):
-        E.Intervention("split_softmax", (), tau=0.1)
+def test_conditions_with_head_lists_compare_and_hash_equal():
+    a = Condition.split(0.5, [(1, 2)])
+    assert a == Condition.split(0.5, ((1, 2),)) and hash(a) == hash(Condition.split(0.5, [(1, 2)]))
+    assert a.label == "split tau=0.5, heads=L1H2"
+    with pytest.raises(ValueError, match="head_list"):
+        Condition.split(0.1, [])
     with pytest.raises(ValueError, match="tau"):
-        E.Intervention("split_softmax", ((0, 0),), tau=-1)
+        Condition.split(-1, [(0, 0)])
     with pytest.raises(ValueError, match="alpha"):
-        E.Intervention("focus", ((0, 0),), alpha=float("nan"))
+        Condition.focus(float("nan"), E.DIRECTIONS, [(0, 0)])
 
 
 def test_head_outside_model_and_negative_sample(tiny, samples):
@@ -152,7 +150,7 @@ def test_head_outside_model_and_negative_sample(tiny, samples):
     neg = fake_samples(1, variant="negative")[0]
     with pytest.raises(ValueError, match="no gold document"):
         E.explore_sample(tiny.model, neg, prefill(tiny.model, neg.input_ids), (0, 0),
-                         E.Intervention("split_softmax", ((0, 0),), tau=0.1))
+                         Condition.split(0.1, ((0, 0),)))
     view = E.explore_sample(tiny.model, neg, prefill(tiny.model, neg.input_ids), (0, 0))
     assert torch.isnan(view.kinds["relevant"]).all()  # undefined without gold, as in kind_scores
 
@@ -205,16 +203,16 @@ def test_explorer_callbacks_update_state(tiny, samples, monkeypatch):
     # an intervention: split-softmax on the top-2 heads by the plain relevant score
     ex.intervention_dropdown.value = "split_softmax"
     want = tuple(top_heads(plain.kinds["relevant"], 2))
-    assert ex.view.intervention == E.Intervention("split_softmax", want, tau=0.2)
+    assert ex.view.intervention == Condition.split(0.2, want)
     assert not ex.tau_slider.disabled and ex.alpha_slider.disabled
     manual = E.explore_sample(tiny.model, samples[0], real_prefill(tiny.model, samples[0].input_ids), (1, 3),
                               ex.view.intervention)
     assert ex.view.answer == manual.answer and ex.last_source == "decoded"
     torch.testing.assert_close(ex.view.token_attention, manual.token_attention, atol=1e-5, rtol=0)
     assert sorted(zip(ex.heatmap.data[1].y, ex.heatmap.data[1].x)) == sorted(want)
-    assert "split-softmax tau=0.2" in ex.status.value
+    assert "split tau=0.2" in ex.status.value
     ex.top_k_slider.value = 5
-    assert len(ex.view.intervention.heads) == 5
+    assert len(ex.view.intervention.head_list) == 5
 
     # the score kind only redraws (cached answer)
     ex.kind_dropdown.value = "sink"
@@ -261,7 +259,7 @@ def test_explorer_with_given_scores_and_directions(tiny, samples):
     given = {"relevant": torch.arange(8.0).reshape(2, 4), "sink": torch.ones(2, 4)}
     ex = E.HeadExplorer(tiny.model, samples, directions=dirs, scores=given, intervention="focus", top_k=3, alpha=0.5)
     assert ex.head == (1, 3)  # the best given relevant score
-    assert ex.view.intervention == E.Intervention("focus", ((1, 3), (1, 2), (1, 1)), alpha=0.5)
+    assert ex.view.intervention == Condition.focus(0.5, E.DIRECTIONS, ((1, 3), (1, 2), (1, 1)))
     assert not ex.alpha_slider.disabled and ex.tau_slider.disabled
     ex.source_toggle.value = "given"
     assert np.allclose(np.asarray(ex.heatmap.data[0].z), given["relevant"].numpy())

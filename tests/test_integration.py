@@ -112,7 +112,7 @@ def test_greedy_answer_equals_transformers_generate(smol, builder, eager_referen
 def test_shared_prefill_answers_equal_fresh_bridge_runs(smol, builder):
     """Split-softmax configurations decoded from one shared fast prefill give the same answers as
     each configuration run from scratch with the full prompt through the bridge, hooks on."""
-    from fdlib.sweeps import random_heads
+    from fdlib.heads import random_heads
 
     sample = builder.samples(size=2, n_docs=5)[1]
     heads = [(20, 8), (22, 2), (21, 1), (22, 7), (23, 2)]
