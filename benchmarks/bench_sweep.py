@@ -28,7 +28,7 @@ from fdlib.conditions import Condition
 from fdlib.decoding import prefill
 from fdlib.directions import FocusDirections
 from fdlib.engine import decode_batch
-from fdlib.study import StudySample, _row_intervention, decode_sequential
+from fdlib.study import StudySample, row_intervention, decode_sequential
 
 DIRECTIONS = Path(__file__).resolve().parents[1] / "figures" / "data" / "directions_gold_post_rope.safetensors"
 
@@ -92,7 +92,7 @@ def main() -> None:
         T = s.n_tokens - 1
         prefill_flops += 2 * n_params * T + 2 * L * H * model.cfg.d_head * T * T  # weights + QK^T and PV (causal)
         planned = [(c, c.head_set({"contextual": ranked}, L, H)) for c in conds]
-        rows = [_row_intervention(c, h, st, dirs) for c, h in planned]
+        rows = [row_intervention(c, h, st, dirs) for c, h in planned]
         start = time.perf_counter()
         got, mem_b, base_b = peak_rss(lambda: decode_batch(model, prefix, rows, spans=st.spans(), max_new_tokens=32))
         t["batched"] += time.perf_counter() - start

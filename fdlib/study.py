@@ -194,7 +194,7 @@ class _Planned:
         return (c.method, c.value, tuple(sorted(self.heads)), c.directions, c.span, c.rows)
 
 
-def _row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
+def row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
                       directions: Mapping[str, FocusDirections]) -> RowIntervention:
     if c.is_baseline or c.identity:
         return RowIntervention()
@@ -386,7 +386,7 @@ def _decode_sample(model, s: StudySample, planned: list[_Planned], directions, e
     if engine == "batched":
         for start in range(0, len(unique), batch_size):
             chunk = unique[start : start + batch_size]
-            rows = [_row_intervention(first[r].condition, first[r].heads, s, directions) for r in chunk]
+            rows = [row_intervention(first[r].condition, first[r].heads, s, directions) for r in chunk]
             for r, ans in zip(chunk, decode_batch(model, prefix, rows, spans=spans, max_new_tokens=max_new_tokens)):
                 decoded[r] = ans
     for p in planned:

@@ -18,13 +18,13 @@ from fdlib.conditions import Condition, Rows, baselines
 from fdlib.conditions import focus_grid as _focus_grid
 from fdlib.conditions import reweight_grid
 from fdlib.data import NQBuilder, QASample, Size
-from fdlib.decoding import decode, prefill
-from fdlib.directions import FocusDirections, focus_directions
+from fdlib.decoding import prefill
+from fdlib.directions import FocusDirections
+from fdlib.engine import RowIntervention, decode_batch
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.heads import Head
-from fdlib.interventions import split_softmax
 from fdlib.store import Store, merge_stores  # noqa: F401  (the shard merge, for the CLI's users)
-from fdlib.study import run_study, study_frame
+from fdlib.study import StudySample, row_intervention, run_study, study_frame
 
 # The paper's grid; `quick` is a handful of configurations CI can run.
 GRIDS: dict[str, dict] = {
@@ -191,30 +191,23 @@ def attention_per_document(
     model: TransformerBridge,
     sample: QASample,
     head: Head,
+    condition: Condition,
     *,
-    tau: float | None = None,
-    directions: FocusDirections | None = None,
-    alpha: float | None = None,
-    heads: Sequence[Head] | None = None,
+    directions: Mapping[str, FocusDirections] | None = None,
+    rankings: Mapping[str, Sequence[Head]] | None = None,
     max_new_tokens: int = 32,
 ) -> dict[str, object]:
-    """One head's attention mass on each document, from the answer rows, without and with an
-    intervention on `heads` (default: that head alone) — split-softmax with `tau`, or focus
-    directions with `alpha` on the response rows — both decoded from one prefill."""
+    """One head's attention mass on each document, from the answer rows, without and with a
+    condition (answer rows), both decoded in one batch from one prefill."""
     if sample.gold_span is None:
         raise ValueError(f"sample {sample.id} has no gold document")
-    if (tau is None) == (directions is None or alpha is None):
-        raise ValueError("give either tau (split-softmax) or directions and alpha (focus directions)")
+    if condition.rows != "response":
+        raise ValueError(f"the two answers share one prefill: rows must be 'response', got {condition.rows!r}")
     spans = {f"doc{i}": s for i, s in enumerate(sample.doc_spans)}
-    prefix = prefill(model, sample.input_ids)
-    before = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
-    chosen = heads or [head]
-    if tau is not None:
-        ctx = split_softmax(model, chosen, sample.gold_span, tau, from_pos=sample.n_tokens - 1)
-    else:
-        ctx = focus_directions(model, directions, chosen, alpha, from_pos=sample.n_tokens - 1)
-    with ctx:
-        after = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
+    heads = condition.head_set(dict(rankings or {}), model.cfg.n_layers, model.cfg.n_heads)
+    row = row_intervention(condition, heads, StudySample(sample), dict(directions or {}))
+    before, after = decode_batch(model, prefill(model, sample.input_ids), [RowIntervention(), row], spans=spans,
+                                 max_new_tokens=max_new_tokens)
     layer, h = head
 
     def per_doc(answer):

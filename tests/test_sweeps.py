@@ -123,3 +123,20 @@ def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
         assert any(abs(float(steered[l, h] - base[l, h])) > 1e-4 for l, h in RANKED[:3])
     t = sweeps.em_table(sweep_frame(tmp_path / "f.sqlite"))
     assert set(t.method) == {"baseline", "focus"} and set(t[t.method == "focus"].rows) == {"response", "all"}
+
+
+def test_attention_per_document_equals_the_sequential_decode(tiny):
+    from fdlib.decoding import decode, prefill
+    from fdlib.interventions import split_softmax
+
+    s = fake_samples(1)[0]
+    got = sweeps.attention_per_document(tiny.model, s, (1, 2), Condition.split(0.05, [(1, 2), (0, 3)]), max_new_tokens=6)
+    spans = {f"doc{i}": sp for i, sp in enumerate(s.doc_spans)}
+    prefix = prefill(tiny.model, s.input_ids)
+    before = decode(tiny.model, prefix, max_new_tokens=6, spans=spans)
+    with split_softmax(tiny.model, [(1, 2), (0, 3)], s.gold_span, 0.05, from_pos=s.n_tokens - 1):
+        after = decode(tiny.model, prefix, max_new_tokens=6, spans=spans)
+    assert got["answer_before"] == before.text and got["answer_after"] == after.text
+    for key, ans in (("before", before), ("after", after)):
+        assert got[key] == pytest.approx([float(ans.scores[f"doc{i}"][1, 2]) for i in range(3)], abs=1e-5)
+    assert got["after"][s.gold_index] > got["before"][s.gold_index]
