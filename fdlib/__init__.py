@@ -1,15 +1,8 @@
 """fdlib: contextual heads, split-softmax and focus directions (Zhu et al., 2025) on TransformerLens."""
 
 from fdlib.data import NQBuilder, QASample, qa_samples
-from fdlib.directions import (
-    ActivationCache,
-    FocusDirections,
-    focus_directions,
-    focus_table,
-    key_bias,
-    train_focus_directions,
-    train_nq_directions,
-)
+from fdlib.directions import FocusDirections, focus_directions, focus_table, key_bias
+from fdlib.training import ActivationCache, train_focus_directions, train_nq_directions
 from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
 from fdlib.interventions import ablate_heads, split_softmax
 from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer

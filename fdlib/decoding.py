@@ -18,6 +18,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from fdlib.arch import check_supported
 from fdlib.models import StopTokens, fast_prefill_model, stop_tokens
 from fdlib.spans import Span, check_spans
 
@@ -91,10 +92,17 @@ class GrowableLayer(DynamicLayer):
 
 
 def _new_cache(model: TransformerBridge) -> Any:
+    """A cache keeping every position's keys and values in every layer.
+
+    transformers' sliding-window layers keep only the last window - 1 keys; fdlib's hooks (span
+    recorders, split-softmax, focus directions, retrieval's argmax) read a row's absolute position
+    as (keys attended to) - (query rows) and index spans by absolute key position, so every layer
+    here keeps them all. The window is still applied: by the attention mask, which transformers
+    builds from the config's `sliding_window` whatever the cache layers are (the sdpa / eager twin
+    and the bridge alike), masking keys i - j >= window.
+    """
     cache = DynamicCache(config=model.original_model.config)
-    # Only plain full-attention layers are swapped; sliding-window or other layer kinds keep
-    # transformers' own implementation.
-    cache.layers = [GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [GrowableLayer() for _ in cache.layers]
     return cache
 
 
@@ -107,6 +115,7 @@ def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: b
     bridge itself, so hooks that edit prompt rows (e.g. `from_pos=0`) see them.
     """
     ids = _as_ids(tokens).to(model.cfg.device)
+    check_supported(model, "decode")
     check_length(model, ids.shape[0])
     cache = _new_cache(model)
     if ids.shape[0] > 1:
@@ -265,6 +274,7 @@ def decode(
         raise ValueError(
             f"prefix cache holds {_cache_len(prefix.cache)} positions, expected {prefix.length - 1}"
         )
+    check_supported(model, "decode")
     check_length(model, prefix.length + max_new_tokens)
     stop = _stop_tokens(model)
     recorder = None

@@ -1,18 +1,23 @@
 """Focus directions: per-head query/key vectors, their file format, and the intervention.
 
 Placement `post_rope` adds alpha * d_Q to the rotated queries (the authors' release); `pre_rope`
-adds it before the rotation. alpha * d_K is added to the keys at every position; it enters the
-attention logits as `q_i . d'_j * scale` with d'_j = d_K (post-RoPE) or R_j d_K (pre-RoPE), applied
-on `hook_attn_scores` per query head. That handles grouped-query attention (d_K is per query
-head, the cache holds per-KV-head keys) and a shared KV cache computed without directions alike.
-After RoPE that term is the same for every key of row i, so it cancels in the softmax: d_K has no
-effect there, only d_Q does.
+adds it in the space after the q/k norm and before the rotation (the space training reads), which
+is exactly adding R_i d_Q after the rotation (R_i (q + d) = R_i q + R_i d). alpha * d_K is added
+to the keys at every position; it enters the attention logits as `q_i . d'_j * scaling` with
+d'_j = d_K (post-RoPE) or R_j d_K (pre-RoPE), per query head, before any softcap. That handles
+grouped-query attention (d_K is per query head, the cache holds per-KV-head keys) and a shared KV
+cache computed without directions alike. After RoPE (and without a softcap) that term is the
+same for every key of row i, so it cancels in the softmax: d_K has no effect there, only d_Q
+does. Under attention-logit softcapping (Gemma 2) it does not cancel and is applied before the
+cap.
+
+Training (the activation cache, `span_score`, `train_focus_directions`, the CLI) lives in
+`fdlib.training`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import abc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib import arch
 from fdlib.decoding import first_row_position, hooks
 from fdlib.interventions import Head, check_from_pos, check_heads, heads_by_layer
 from fdlib.models import model_name
@@ -111,19 +117,52 @@ class FocusDirections:
         return out.check(model) if model is not None else out
 
 
-def _rope_cos_sin(model: TransformerBridge, n_pos: int, like: Tensor) -> tuple[Tensor, Tensor]:
-    """cos, sin of the model's own rotary embedding at positions 0..n_pos-1: [n_pos, d_head]."""
-    rotary = model.original_model.model.rotary_emb
-    pos = torch.arange(n_pos, device=like.device)[None]
-    cos, sin = rotary(like, pos)
-    return cos[0], sin[0]
+class _Softcaps:
+    """Moves the attention-logit softcap of the chosen layers out of the bridge, for the body.
+
+    The bridge caps the scores before `hook_attn_scores`, where the d_K term is added; a term added
+    after the cap would be wrong (tanh is not shift-invariant). Here the bridge's HF module is
+    told there is no cap, and the hook adds the term and then applies the very same cap
+    (`cap * tanh(s / cap)`) to every head of the layer, masked keys left masked: the scores that
+    reach the softmax, and hooks added on `hook_attn_scores` after this context, are the
+    bridge's own (bitwise, for heads without directions); a hook added before it would see the
+    uncapped scores of these layers while it is active."""
+
+    def __init__(self, model: TransformerBridge, layers: Sequence[int], facts: arch.ModelFacts) -> None:
+        self.modules: dict[int, Any] = {}
+        self.caps: dict[int, float] = {}
+        for l in layers:
+            cap = facts.layers[l].softcap
+            if cap is None:
+                continue
+            hf_attn = model.blocks[l].attn.original_component
+            if getattr(hf_attn, "attn_logit_softcapping", None) is None:
+                raise ValueError(
+                    f"model {facts.name!r}: layer {l}'s softcap is already handled by another focus_directions "
+                    "context; nest them on different layers, or merge the directions into one"
+                )
+            self.modules[l] = hf_attn
+            self.caps[l] = cap
+
+    def __enter__(self) -> "_Softcaps":
+        for m in self.modules.values():
+            m.attn_logit_softcapping = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for l, m in self.modules.items():
+            m.attn_logit_softcapping = self.caps[l]
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The Llama-style rotation of x [d] at every position: [n_pos, d]."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[half:], x[:half]])
-    return x[None] * cos + rotated_half[None] * sin
+def _cap(scores: Tensor, bias: Tensor | None, idx: list[int], cap: float) -> Tensor:
+    """The bridge's `cap * tanh(s / cap)` after adding `bias` to heads `idx`; keys the mask
+    removed (an additive mask of finfo.min or -inf) stay removed."""
+    masked = scores <= torch.finfo(scores.dtype).min / 2
+    full = scores.clone()
+    if bias is not None:
+        full[:, idx] = full[:, idx] + bias.to(scores.dtype)
+    capped = torch.tanh(full / cap) * cap
+    return torch.where(masked, scores, capped)
 
 
 @contextlib.contextmanager
@@ -135,482 +174,93 @@ def focus_directions(
     from_pos: int = 0,
 ) -> Iterator[None]:
     """Add alpha * d_Q to the chosen heads' queries at positions >= `from_pos` and alpha * d_K to
-    their keys at every position, in the directions' placement (before or after RoPE).
+    the keys (at every position) those rows attend to, in the directions' placement (before or
+    after RoPE). Rows before `from_pos` are untouched: they see the plain queries and keys.
 
     `from_pos=0` is the paper's setting (every row: prefill the prompt with
     `prefill(..., fast=False)` so the prompt rows see it); `from_pos = len(prompt) - 1` touches the
     answer rows only and works from a shared fast prefill. Positions are absolute: they count
     the `past_key_values` handed to the bridge's forward.
+
+    Where the vectors go depends on the architecture (`fdlib.arch.model_facts`): on `hook_rot_q`
+    (after the q/k norm and RoPE) as d or R_i d; on a fused-QKV RoPE model (Phi-3), whose bridge
+    has no rotated-query hook, on `hook_q` (before the rotation) as R_i^-1 d or d; without RoPE
+    (GPT-2) both placements are the same vector on `hook_q`. Models the operation cannot be
+    computed exactly on are refused (NotImplementedError) before any forward.
     """
     directions.check(model)
     chosen = check_heads(model, heads)
     alpha = float(alpha)
     check_from_pos(from_pos)
+    placement = directions.placement
+    facts = arch.check_supported(model, f"focus_{placement}")
+    hf = model.original_model
     by_layer = heads_by_layer(chosen)
-    queries: dict[int, Tensor] = {}
+    rotary = arch.RotaryTable(hf) if facts.rope else None
+    queries: dict[int, Tensor] = {}  # layer -> post-RoPE queries of its chosen heads [batch, pos, chosen, d]
 
     def add_q(layer: int, idx: list[int]):
-        d = (alpha * directions.d_q[layer, idx]).to(model.cfg.dtype)  # [n_chosen, d_head]
+        dq = alpha * directions.d_q[layer, idx].float()  # [n_chosen, d_head]
+        kind = facts.query_kind
 
         def hook(q: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> Tensor:
-            start = max(0, from_pos - first_row())
-            if start < q.shape[1]:
+            n = q.shape[1]
+            first = first_row()
+            start = max(0, from_pos - first)
+            cos = sin = None
+            if rotary is not None and (kind == arch.BEFORE_ROTATION or placement == "pre_rope"):
+                cos, sin = rotary(layer, first + n, q)
+                cos, sin = cos[first:, None, :], sin[first:, None, :]  # [n, 1, rot]
+            d = dq.to(q.device)[None].expand(n, *dq.shape)  # [n, n_chosen, d]
+            if kind == arch.ROTATED and placement == "pre_rope":
+                d = arch.rotate(d, cos, sin)  # R_i d after the rotation = d before it
+            elif kind == arch.BEFORE_ROTATION and placement == "post_rope":
+                d = arch.unrotate(d, cos, sin)  # R_i^-1 d before the rotation = d after it
+            if start < n:
                 q = q.clone()
-                q[:, start:, idx, :] += d.to(q.device)
-            if directions.placement == "post_rope":
-                queries[layer] = q
+                q[:, start:, idx, :] += d[start:].to(q.dtype)
+            sel = q[:, :, idx, :].float()
+            if kind == arch.BEFORE_ROTATION:
+                sel = arch.rotate(sel, cos, sin)  # the rotation the bridge applies next
+            queries[layer] = sel
             return q
-
-        return hook
-
-    def keep_rotated_q(layer: int):
-        def hook(q: Tensor, hook: Any) -> None:
-            queries[layer] = q  # the queries d_K meets: rotated, with d_Q already in them
 
         return hook
 
     def add_k(layer: int, idx: list[int]):
         dk = alpha * directions.d_k[layer, idx].float()  # [n_chosen, d_head]
-        scale = float(getattr(model.original_model.model.layers[layer].self_attn, "scaling", model.cfg.d_head ** -0.5))
+        lf = facts.layers[layer]
 
         def hook(scores: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> Tensor:
             n_k = scores.shape[-1]
-            q = queries.pop(layer)[:, :, idx, :].float()  # [batch, query_pos, n_chosen, d_head]
-            if directions.placement == "pre_rope":
-                cos, sin = _rope_cos_sin(model, n_k, q)
-                keys = torch.stack([_rotate(dk[c].to(q.device), cos.float(), sin.float()) for c in range(len(idx))])
-            else:
-                keys = dk.to(q.device)[:, None, :].expand(len(idx), n_k, dk.shape[-1])  # same d_K at every j
-            bias = torch.einsum("bqcd,ckd->bcqk", q, keys) * scale
+            q = queries.pop(layer)  # [batch, query_pos, n_chosen, d_head], post-RoPE
+            start = max(0, from_pos - first_row())  # rows before from_pos see the plain keys
+            bias = torch.zeros(q.shape[0], len(idx), q.shape[1], n_k, dtype=q.dtype, device=q.device)
+            if start < q.shape[1]:
+                if placement == "pre_rope" and rotary is not None:
+                    cos, sin = rotary(layer, n_k, q)
+                    keys = arch.rotate(dk.to(q.device)[:, None, :], cos[None], sin[None])  # R_j d_K: [n_chosen, n_k, d]
+                else:
+                    keys = dk.to(q.device)[:, None, :].expand(len(idx), n_k, dk.shape[-1])  # same d_K at every j
+                bias[:, :, start:] = torch.einsum("bqcd,ckd->bcqk", q[:, start:], keys) * lf.scaling
+            if lf.softcap is not None:
+                return _cap(scores, bias, idx, lf.softcap)
             scores = scores.clone()
             scores[:, idx] = scores[:, idx] + bias.to(scores.dtype)
             return scores
 
         return hook
 
-    q_point = "hook_rot_q" if directions.placement == "post_rope" else "hook_q"
     fwd: list[tuple[str, Any]] = []
     for layer, idx in sorted(by_layer.items()):
-        fwd.append((f"blocks.{layer}.attn.{q_point}", add_q(layer, idx)))
-        if directions.placement == "pre_rope":
-            fwd.append((f"blocks.{layer}.attn.hook_rot_q", keep_rotated_q(layer)))
+        fwd.append((f"blocks.{layer}.attn.{facts.query_hook}", add_q(layer, idx)))
         fwd.append((f"blocks.{layer}.attn.hook_attn_scores", add_k(layer, idx)))
+    caps = _Softcaps(model, sorted(by_layer), facts)
     try:
-        with first_row_position(model) as first_row, hooks(model, fwd):
+        with first_row_position(model) as first_row, hooks(model, fwd), caps:
             yield
     finally:
         queries.clear()
-
-
-# --- training -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadActivations:
-    """What the training loss needs from one sample, for the chosen heads only: the queries of
-    the response rows and the keys of every position, in the placement's space (never a T x T
-    pattern). Keys are per chosen query head (its KV head's keys)."""
-
-    q: Float[Tensor, "n_chosen rows d_head"]
-    k: Float[Tensor, "n_chosen pos d_head"]
-    response_start: int
-    span: Any  # fdlib.Span of the relevant document
-
-    @property
-    def nbytes(self) -> int:
-        return self.q.numel() * self.q.element_size() + self.k.numel() * self.k.element_size()
-
-
-def _unrotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Inverse of the Llama rotation (rotation by minus the angle), x: [..., pos, d]."""
-    half = x.shape[-1] // 2
-    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos - rotated_half * sin
-
-
-def _run_response(model: TransformerBridge, ids: Tensor, response_start: int) -> tuple[dict[int, Tensor], Any]:
-    """Fast prefill of ids[:response_start], then the response rows through the bridge.
-    Returns every layer's rotated queries of the response rows [rows, head_index, d_head] and
-    the KV cache, which then holds every position's post-RoPE keys (per KV head)."""
-    from fdlib.decoding import prefill
-
-    got: dict[int, Tensor] = {}
-
-    def keep(layer: int):
-        def hook(q: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> None:
-            got[layer] = q[0].detach()
-
-        return hook
-
-    fwd = [(f"blocks.{l}.attn.hook_rot_q", keep(l)) for l in range(model.cfg.n_layers)]
-    with torch.no_grad():
-        prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
-        with hooks(model, fwd):
-            model(ids[None, response_start:].to(model.cfg.device), past_key_values=prefix.cache, return_type=None)
-    return got, prefix.cache
-
-
-def _kv_groups(model: TransformerBridge) -> int:
-    return model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
-
-
-def _select(
-    model: TransformerBridge,
-    q_layers: Sequence[Tensor],
-    k_layers: Sequence[Tensor],
-    chosen: Sequence[Head],
-    response_start: int,
-    span: Any,
-    placement: Placement,
-) -> HeadActivations:
-    """Pick the chosen heads out of per-layer queries [rows, head, d] and keys [kv_head, T, d]
-    (post-RoPE); pre-RoPE activations are those rotated back by each position's angle."""
-    groups = _kv_groups(model)
-    q = torch.stack([q_layers[l][:, h, :] for l, h in chosen]).float()
-    k = torch.stack([k_layers[l][h // groups] for l, h in chosen]).float()
-    if placement == "pre_rope":
-        T = k.shape[1]
-        cos, sin = _rope_cos_sin(model, T, q)
-        k = _unrotate(k, cos.float(), sin.float())
-        q = _unrotate(q, cos[response_start:].float(), sin[response_start:].float())
-    elif placement != "post_rope":
-        raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {placement!r}")
-    return HeadActivations(q.contiguous(), k.contiguous(), response_start, span)
-
-
-def collect_activations(
-    model: TransformerBridge,
-    tokens: Tensor,
-    response_start: int,
-    span: Any,
-    heads: Sequence[Head],
-    placement: Placement = "post_rope",
-) -> HeadActivations:
-    """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads.
-
-    The prompt's keys come from the fast prefill's KV cache (post-RoPE, per KV head); only the
-    response rows run through the bridge, where `hook_rot_q` gives their queries.
-    """
-    from fdlib.decoding import _as_ids
-
-    ids = _as_ids(tokens)
-    T = int(ids.shape[0])
-    if not 0 < response_start < T:
-        raise ValueError(f"response_start must be in [1, {T - 1}], got {response_start}")
-    span.check(T)
-    chosen = check_heads(model, heads)
-    qs, cache = _run_response(model, ids, response_start)
-    ks = {l: cache.layers[l].keys[0] for l in range(model.cfg.n_layers)}
-    return _select(model, qs, ks, chosen, response_start, span, placement)
-
-
-# --- the on-disk activation cache -----------------------------------------------------------
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
-
-
-@dataclass(frozen=True)
-class CachedExample:
-    """Where one cached training example lives and what it holds."""
-
-    id: str
-    path: Path
-    response_start: int
-    span: Any  # fdlib.Span
-    n_tokens: int
-    answer: str
-
-
-class ActivationCache:
-    """Per training example, one safetensors file with every layer's post-RoPE queries of the
-    response rows (`q{l}`: [rows, head_index, d_head]) and keys of every position (`k{l}`:
-    [kv_head, pos, d_head]), the prompt + response tokens, and the span; written atomically, so
-    an interrupted build resumes at the first missing example. Pre-RoPE activations are derived
-    on reading (the rotation is exact and invertible), so they cost no disk.
-
-    Keys are stored per KV head (grouped-query attention shares them), in `dtype` (float16 by
-    default: half the disk; the score it gives matches the model's within ~1e-3).
-    Layout: `root / <model> / <training_set> / <example id>.safetensors`.
-    """
-
-    def __init__(self, root: str | Path, model: TransformerBridge, training_set: TrainingSet, dtype: torch.dtype = torch.float16) -> None:
-        if training_set not in ("gold", "long"):
-            raise ValueError(f"training_set must be 'gold' or 'long', got {training_set!r}")
-        self.model = model
-        self.training_set = training_set
-        self.dtype = dtype
-        self.dir = Path(root) / _slug(model_name(model)) / training_set
-
-    def path(self, example_id: str) -> Path:
-        return self.dir / f"{_slug(example_id)}.safetensors"
-
-    def __contains__(self, example_id: str) -> bool:
-        return self.path(example_id).exists()
-
-    def write(self, example_id: str, ids: Tensor, response_start: int, span: Any, answer: str,
-              q_layers: dict[int, Tensor] | None, k_layers: dict[int, Tensor] | None) -> Path:
-        """One example, atomically; `q_layers=None` records an example with no usable response
-        (an empty R_g) so a resumed build does not retry it."""
-        tensors = {"tokens": ids.to(torch.int64).cpu().contiguous()}
-        if q_layers is not None and k_layers is not None:
-            for l in range(self.model.cfg.n_layers):
-                tensors[f"q{l}"] = q_layers[l].to(self.dtype).cpu().contiguous()
-                tensors[f"k{l}"] = k_layers[l].to(self.dtype).cpu().contiguous()
-        meta = {"format": "fdlib.activations/1", "model_name": model_name(self.model), "id": example_id,
-                "training_set": self.training_set, "response_start": response_start,
-                "span": [span.start, span.end], "answer": answer, "usable": q_layers is not None}
-        path = self.path(example_id)
-        # atomic: a crash leaves the old state or the new file, never half a file
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)}))
-        return path
-
-    def example(self, example_id: str) -> CachedExample | None:
-        """The cached example's metadata, None when its response was empty; raises when absent
-        or written for another model."""
-        from safetensors import safe_open
-
-        from fdlib.spans import Span
-
-        path = self.path(example_id)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["fdlib"])
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path} is not a readable fdlib activation file ({type(err).__name__}: {err})") from None
-        if meta["model_name"] != model_name(self.model):
-            raise ValueError(f"{path} holds activations of {meta['model_name']!r}, not {model_name(self.model)!r}")
-        if not meta["usable"]:
-            return None
-        with safe_open(str(path), framework="pt") as f:
-            n_tokens = int(f.get_slice("tokens").get_shape()[0])
-        return CachedExample(example_id, path, int(meta["response_start"]), Span(*meta["span"]), n_tokens, meta["answer"])
-
-    def read(self, example: CachedExample, heads: Sequence[Head], placement: Placement = "post_rope") -> HeadActivations:
-        """The chosen heads' activations of one example (only their layers are read)."""
-        from safetensors import safe_open
-
-        chosen = check_heads(self.model, heads)
-        layers = sorted({l for l, _ in chosen})
-        q_layers: dict[int, Tensor] = {}
-        k_layers: dict[int, Tensor] = {}
-        with safe_open(str(example.path), framework="pt") as f:
-            for l in layers:
-                q_layers[l], k_layers[l] = f.get_tensor(f"q{l}"), f.get_tensor(f"k{l}")
-        return _select(self.model, q_layers, k_layers, chosen, example.response_start, example.span, placement)
-
-    def nbytes(self) -> int:
-        """Bytes on disk of every cached example."""
-        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.exists() else 0
-
-
-class CachedActivations(abc.Sequence):
-    """A lazy sequence of `HeadActivations`: each item is read from the cache when asked for,
-    so training on long prompts never holds every example in memory."""
-
-    def __init__(self, cache: ActivationCache, examples: Sequence[CachedExample], heads: Sequence[Head], placement: Placement) -> None:
-        self.cache, self.examples, self.heads, self.placement = cache, list(examples), list(heads), placement
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> HeadActivations:  # type: ignore[override]
-        return self.cache.read(self.examples[i], self.heads, self.placement)
-
-
-def build_activation_cache(
-    model: TransformerBridge,
-    cache: ActivationCache,
-    *,
-    split: str = "train",
-    size: Any = "quick",
-    n_docs: int = 20,
-    max_new_tokens: int = 32,
-    progress: bool = True,
-) -> list[CachedExample]:
-    """Cache the training examples of `split`: R_g is the model's greedy answer given the gold
-    document alone; the prompt is the gold-only one (`gold`, the paper's text) or the k-document
-    one (`long`, the authors' release), and the relevant span is the gold document in it.
-    Examples already on disk are skipped; examples with an empty R_g are recorded and left out.
-    """
-    from tqdm.auto import tqdm
-
-    from fdlib.data import NQBuilder
-    from fdlib.decoding import decode, prefill
-
-    builder = NQBuilder(model.tokenizer)
-    golds = builder.samples(split=split, size=size, variant="gold")
-    out: list[CachedExample] = []
-    bar = tqdm(golds, desc=f"caching activations ({cache.training_set})", unit="example", disable=not progress)
-    for gold in bar:
-        qid = gold.id.split("/")[0]
-        if qid not in cache:
-            answer = decode(model, prefill(model, gold.input_ids), max_new_tokens=max_new_tokens)
-            if cache.training_set == "gold":
-                prompt = gold
-            else:
-                example = next(e for e in builder.examples if e.id == qid)
-                prompt = builder.sample(example, n_docs=n_docs)
-            if not answer.tokens:
-                cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None)
-            else:
-                ids = torch.cat([prompt.input_ids, torch.tensor(answer.tokens, dtype=torch.long)])
-                qs, kv = _run_response(model, ids, prompt.n_tokens)
-                ks = {l: kv.layers[l].keys[0] for l in range(model.cfg.n_layers)}
-                cache.write(qid, ids, prompt.n_tokens, prompt.gold_span, answer.text, qs, ks)
-        ex = cache.example(qid)
-        if ex is not None:
-            out.append(ex)
-        bar.set_postfix(disk=f"{cache.nbytes() / 2**20:.0f} MiB")
-    return out
-
-
-def span_score(
-    acts: HeadActivations,
-    d_q: Tensor,
-    d_k: Tensor,
-    *,
-    scale: float,
-    rotation: tuple[Tensor, Tensor] | None = None,
-) -> Float[Tensor, "n_chosen"]:
-    """S_C per chosen head under softmax((Q + d_Q)(K + d_K)^T * scale), response rows only.
-    With `rotation` (cos, sin for every position), Q, K and the directions are pre-RoPE and
-    rotated here, so d_K meets each key at its own angle."""
-    q = acts.q + d_q[:, None, :]
-    k = acts.k + d_k[:, None, :]
-    n_rows, T = q.shape[1], k.shape[1]
-    if rotation is not None:
-        cos, sin = rotation
-        half = q.shape[-1] // 2
-
-        def rot(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
-            return x * c + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * s
-
-        rows = slice(acts.response_start, acts.response_start + n_rows)
-        q = rot(q, cos[rows], sin[rows])
-        k = rot(k, cos[:T], sin[:T])
-    scores = torch.einsum("hrd,htd->hrt", q, k) * scale
-    rows = torch.arange(acts.response_start, acts.response_start + n_rows, device=q.device)
-    causal = torch.arange(T, device=q.device)[None, :] <= rows[:, None]
-    w = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
-    return w[..., acts.span.start : acts.span.end].sum(-1).mean(-1)
-
-
-@dataclass
-class TrainResult:
-    directions: FocusDirections
-    losses: list[float]  # mean loss per epoch
-    score_before: Float[Tensor, "n_chosen"]
-    score_after: Float[Tensor, "n_chosen"]
-
-
-def train_focus_directions(
-    model: TransformerBridge,
-    activations: Sequence[HeadActivations],
-    heads: Sequence[Head],
-    *,
-    placement: Placement = "post_rope",
-    training_set: TrainingSet = "gold",
-    lr: float = 1e-3,
-    epochs: int = 10,
-    weight_decay: float = 0.01,
-    seed: int = 0,
-    split_seed: int = 0,
-    progress: bool = True,
-) -> TrainResult:
-    """Per head, d_Q and d_K maximising S_C (loss -S_C), AdamW, one step per sample, samples in
-    a seeded order each epoch (the paper's settings as defaults)."""
-    from tqdm.auto import tqdm
-
-    chosen = check_heads(model, heads)
-    if not activations:
-        raise ValueError("no training activations")
-    d = model.cfg.d_head
-    gen = torch.Generator().manual_seed(seed)
-    d_q = torch.zeros(len(chosen), d, requires_grad=True)
-    d_k = torch.zeros(len(chosen), d, requires_grad=True)
-    opt = torch.optim.AdamW([d_q, d_k], lr=lr, weight_decay=weight_decay)
-    scale = model.cfg.d_head ** -0.5
-    rope: dict[str, tuple[Tensor, Tensor]] = {}
-
-    def rotation_for(acts: HeadActivations) -> tuple[Tensor, Tensor] | None:
-        # cos/sin for every position, grown on demand (the examples have different lengths)
-        if placement != "pre_rope":
-            return None
-        T = acts.k.shape[1]
-        if "r" not in rope or rope["r"][0].shape[0] < T:
-            cos, sin = _rope_cos_sin(model, T, acts.q)
-            rope["r"] = (cos.float(), sin.float())
-        return rope["r"]
-
-    def score(acts: HeadActivations) -> Tensor:
-        return span_score(acts, d_q, d_k, scale=scale, rotation=rotation_for(acts))
-
-    def mean_score() -> Tensor:
-        with torch.no_grad():
-            return torch.stack([score(a) for a in activations]).mean(0)
-
-    before = mean_score()
-    losses = []
-    bar = tqdm(total=epochs * len(activations), desc="training focus directions", unit="step", disable=not progress)
-    for _ in range(epochs):
-        order = torch.randperm(len(activations), generator=gen).tolist()
-        total = 0.0
-        for i in order:
-            loss = -score(activations[i]).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) / len(chosen)
-            bar.update(1)
-        losses.append(total / len(activations))
-        bar.set_postfix(loss=losses[-1])
-    bar.close()
-    shape = (model.cfg.n_layers, model.cfg.n_heads, d)
-    full_q, full_k = torch.zeros(shape), torch.zeros(shape)
-    for c, (l, h) in enumerate(chosen):
-        full_q[l, h], full_k[l, h] = d_q.detach()[c], d_k.detach()[c]
-    settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed,
-                "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
-    dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
-    return TrainResult(dirs, losses, before, mean_score())
-
-
-def all_heads(model: TransformerBridge) -> list[Head]:
-    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
-
-
-def train_nq_directions(
-    model: TransformerBridge,
-    *,
-    training_set: TrainingSet = "gold",
-    placement: Placement = "post_rope",
-    size: Any = "quick",
-    heads: Sequence[Head] | None = None,
-    root: str | Path | None = None,
-    n_docs: int = 20,
-    progress: bool = True,
-    **train_kwargs: Any,
-) -> TrainResult:
-    """Cache the NQ training split's activations (resumable) and train directions on them.
-
-    `heads=None` trains every head, so random-head controls have directions of their own.
-    `root` defaults to `<fdlib cache>/activations`. Extra keyword arguments go to
-    `train_focus_directions` (lr, epochs, weight_decay, seed).
-    """
-    from fdlib.data import SPLIT_SEED
-    from fdlib.models import cache_dir
-
-    cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set)
-    examples = build_activation_cache(model, cache, split="train", size=size, n_docs=n_docs, progress=progress)
-    chosen = list(heads) if heads is not None else all_heads(model)
-    acts = CachedActivations(cache, examples, chosen, placement)
-    result = train_focus_directions(model, acts, chosen, placement=placement, training_set=training_set,
-                                    split_seed=SPLIT_SEED, progress=progress, **train_kwargs)
-    result.directions.settings.update({"size": size if isinstance(size, (int, str)) else str(size), "n_docs": n_docs,
-                                       "cache_mib": round(cache.nbytes() / 2**20, 1)})
-    return result
 
 
 # --- analysis -------------------------------------------------------------------------------
@@ -668,8 +318,9 @@ def key_bias(
 ) -> Float[Tensor, "pos"]:
     """What the head's direction adds to each prompt token's attention logit, read from the
     model: the head's pre-softmax scores of the last prompt row (the row that produces the
-    first answer token) with the direction minus without. After RoPE this equals
-    alpha * d_Q . k_j / sqrt(d_head) plus a constant that cancels in the softmax."""
+    first answer token) with the direction minus without. After RoPE (and without a softcap) this
+    equals alpha * d_Q . k_j * scaling plus a constant that cancels in the softmax; under a
+    softcap it is the difference of the capped scores."""
     from fdlib.decoding import prefill
 
     (layer, h), = check_heads(model, [head])
@@ -691,35 +342,10 @@ def key_bias(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: train one set of directions on the NQ training split and save it."""
-    import argparse
+    """Command line: `python -m fdlib.directions` is `python -m fdlib.training`."""
+    from fdlib.training import main as training_main
 
-    from fdlib.models import DEFAULT_MODEL, load_model
-    from fdlib.scoring import contextual_study
-
-    ap = argparse.ArgumentParser(prog="python -m fdlib.directions", description="train focus directions on NQ")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--training-set", choices=["gold", "long"], default="gold")
-    ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
-    ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
-    ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
-    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
-    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
-    ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
-    args = ap.parse_args(argv)
-    model = load_model(args.model)
-    size = int(args.size) if args.size.isdigit() else args.size
-    heads = None
-    if args.top:
-        hs = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
-        heads = contextual_study(model, size=hs, split="train", store=args.heads_store).heads(args.top)
-    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=size,
-                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed)
-    result.directions.save(args.out)
+    training_main(argv)
 
 
 if __name__ == "__main__":

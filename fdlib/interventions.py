@@ -11,6 +11,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.arch import check_supported, visible_keys
 from fdlib.decoding import first_row_position, hooks
 from fdlib.spans import Span
 
@@ -62,6 +63,7 @@ def reweight(
     in_span: Tensor,
     tau: float,
     row_pos: Tensor,
+    window: int | None = None,
 ) -> Float[Tensor, "... query_pos key_pos"]:
     """Split-softmax on attention rows: the span's mass pi becomes pi**tau, inside and outside
     scaled proportionally: W' = pi^tau/pi * W in the span, (1 - pi^tau)/(1 - pi) * W outside.
@@ -69,8 +71,8 @@ def reweight(
     `in_span` is a boolean mask over key positions; `row_pos` the absolute position of each query
     row. Limits, all finite: pi = 1 leaves the row unchanged (1**tau = 1); pi = 0 with tau > 0
     leaves it unchanged too (0**tau = 0); pi = 0 with tau = 0 asks for all mass on a span the row
-    gives none, so the mass goes uniformly to the span's positions the row can see (j <= i), and
-    a row that sees none of the span is left unchanged.
+    gives none, so the mass goes uniformly to the span's positions the row can see (j <= i, and
+    i - j < window under a sliding window), and a row that sees none of the span is left unchanged.
     """
     if tau == 1.0:
         return pattern
@@ -82,8 +84,7 @@ def reweight(
     b = torch.where(pi < 1, (1 - target) / (1 - pi).clamp_min(1e-300), torch.zeros_like(pi))
     out = pat * (inside * a + (1 - inside) * b)
     if tau == 0:
-        cols = torch.arange(pattern.shape[-1], device=pattern.device)
-        seen = (cols[None, :] <= row_pos[:, None]).to(pat.dtype) * inside  # [query_pos, key_pos]
+        seen = visible_keys(row_pos, pattern.shape[-1], window).to(pat.dtype) * inside  # [query_pos, key_pos]
         n_seen = seen.sum(-1, keepdim=True)
         uniform = (seen / n_seen.clamp_min(1)).expand_as(out)
         out = torch.where((pi <= 0) & (n_seen > 0), uniform, out)
@@ -112,9 +113,10 @@ def split_softmax(
     if not isinstance(span, Span):
         raise ValueError(f"span must be an fdlib.Span, got {span!r}")
     check_from_pos(from_pos)
+    facts = check_supported(model, "split_softmax")
     by_layer = heads_by_layer(chosen)
 
-    def make_hook(head_idx: list[int]) -> Any:
+    def make_hook(head_idx: list[int], window: int | None) -> Any:
         def hook(pattern: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> Tensor:
             n_q, n_k = pattern.shape[-2], pattern.shape[-1]
             first_row = n_k - n_q  # absolute position of the first query row in this call
@@ -128,12 +130,12 @@ def split_softmax(
             out = pattern.clone()
             sub = pattern[:, head_idx, skip:, :]
             row_pos = torch.arange(first_row + skip, n_k, device=pattern.device)
-            out[:, head_idx, skip:, :] = reweight(sub, mask, tau, row_pos)
+            out[:, head_idx, skip:, :] = reweight(sub, mask, tau, row_pos, window)
             return out
 
         return hook
 
-    fwd = [(f"blocks.{layer}.attn.hook_pattern", make_hook(h)) for layer, h in sorted(by_layer.items())]
+    fwd = [(f"blocks.{layer}.attn.hook_pattern", make_hook(h, facts.layers[layer].window)) for layer, h in sorted(by_layer.items())]
     with hooks(model, fwd):
         yield
 
@@ -152,7 +154,9 @@ def ablate_heads(model: TransformerBridge, heads: Sequence[Head], from_pos: int 
     """
     chosen = check_heads(model, heads)
     check_from_pos(from_pos)
+    check_supported(model, "ablate")
     by_layer = heads_by_layer(chosen)
+
     def make_hook(idx: list[int]) -> Any:
         def hook(z: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> Tensor:
             if z.ndim != 4:

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.arch import check_supported
 from fdlib.decoding import _as_ids, decode, prefill
 from fdlib.evaluate import normalize_answer
 from fdlib.scoring import top_heads
@@ -152,6 +153,7 @@ def sample_retrieval(model: TransformerBridge, sample: Any, *, max_new_tokens: i
     """Greedy answer to one needle sample (`input_ids`, `relevant_span`, `answers`), scored."""
     ids = _as_ids(sample.input_ids)
     span = _needle_span(sample)
+    check_supported(model, "retrieval")
     recorder = ArgmaxRecorder(model.cfg.n_layers)
     answer = decode(model, prefill(model, ids), max_new_tokens=max_new_tokens, extra_hooks=recorder.fwd_hooks())
     n = len(answer.tokens)

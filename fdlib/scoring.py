@@ -19,6 +19,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.arch import check_supported
 from fdlib.data import QASample
 from fdlib.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
@@ -54,6 +55,7 @@ def contextual_scores(
         )
     check_spans(spans, T)
     check_length(model, T)
+    check_supported(model, "scores")
     prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
     recorder = SpanRecorder(spans, from_pos=response_start, n_layers=model.cfg.n_layers)
     with hooks(model, recorder.fwd_hooks()):

@@ -33,6 +33,7 @@ def use_reference(hf, dirs, heads, alpha, from_pos):
         g = module.num_key_value_groups
         q = query.double().clone()
         k = key.double().repeat_interleave(g, dim=1)  # per query head from here on
+        k_plain = k.clone()  # what rows before from_pos attend to (they are untouched)
         v = value.repeat_interleave(g, dim=1)
         cos, sin = reference_rotation(n_k, d, theta)
         for l, h in heads:
@@ -49,6 +50,8 @@ def use_reference(hf, dirs, heads, alpha, from_pos):
                 k[0, h] += rotate_vec(dk, cos, sin)
         causal = torch.ones(n_q, n_k, dtype=torch.bool).tril(diagonal=n_k - n_q)
         scores = (q @ k.transpose(-1, -2)) * scaling
+        early = torch.arange(n_k - n_q, n_k) < from_pos
+        scores[:, :, early] = ((q @ k_plain.transpose(-1, -2)) * scaling)[:, :, early]
         scores = scores.masked_fill(~causal, float("-inf"))
         w = torch.softmax(scores, dim=-1).to(query.dtype)
         return (w @ v).transpose(1, 2).contiguous(), w
@@ -142,7 +145,7 @@ def test_save_load_round_trip_and_validation(tiny, tmp_path):
 
 def planted_activations(tiny, n=6, placement="post_rope"):
     """Prompts of random tokens with a 'relevant' span; the response is the prompt's tail."""
-    from fdlib.directions import collect_activations
+    from fdlib.training import collect_activations
 
     out = []
     for i in range(n):
@@ -152,13 +155,13 @@ def planted_activations(tiny, n=6, placement="post_rope"):
 
 
 def test_collected_activations_reproduce_the_model_pattern(tiny):
-    from fdlib.directions import span_score
+    from fdlib.training import span_score
 
     ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(3))
     span = fdlib.Span(8, 14)
     want = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
     for placement in ("post_rope", "pre_rope"):
-        from fdlib.directions import _rope_cos_sin, collect_activations
+        from fdlib.training import _rope_cos_sin, collect_activations
 
         acts = collect_activations(tiny.model, ids, 24, span, HEADS, placement)
         zeros = torch.zeros(len(HEADS), tiny.model.cfg.d_head)
@@ -172,7 +175,7 @@ def test_collected_activations_reproduce_the_model_pattern(tiny):
 
 @pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
 def test_training_raises_the_relevant_score_deterministically(tiny, placement):
-    from fdlib.directions import train_focus_directions
+    from fdlib.training import train_focus_directions
 
     acts = planted_activations(tiny, placement=placement)
     a = train_focus_directions(tiny.model, acts, HEADS, placement=placement, lr=0.3, epochs=10, progress=False)
@@ -182,7 +185,7 @@ def test_training_raises_the_relevant_score_deterministically(tiny, placement):
     assert torch.equal(a.directions.d_q, b.directions.d_q) and a.losses == b.losses
     # After RoPE the gradient of S_C with respect to d_K is zero up to float rounding (the term
     # it adds is constant along each row); before RoPE it is a real gradient.
-    from fdlib.directions import _rope_cos_sin, span_score
+    from fdlib.training import _rope_cos_sin, span_score
 
     d_q = torch.randn(len(HEADS), tiny.model.cfg.d_head, generator=torch.Generator().manual_seed(0)).requires_grad_()
     d_k = torch.zeros(len(HEADS), tiny.model.cfg.d_head, requires_grad=True)
@@ -208,7 +211,7 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     collection; an interrupted build resumes at the missing example only; bad files fail clearly."""
     from conftest import build_tiny
 
-    from fdlib.directions import ActivationCache, CachedActivations, build_activation_cache, collect_activations
+    from fdlib.training import ActivationCache, CachedActivations, build_activation_cache, collect_activations
     from safetensors import safe_open
 
     tiny = build_tiny(max_position_embeddings=4096)
@@ -266,7 +269,8 @@ def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
 def test_focus_table_shape_and_direction(tiny):
     from conftest import fake_samples
 
-    from fdlib.directions import focus_table, train_focus_directions
+    from fdlib.directions import focus_table
+    from fdlib.training import train_focus_directions
 
     acts = planted_activations(tiny)
     trained = train_focus_directions(tiny.model, acts, HEADS, lr=0.3, epochs=10, progress=False).directions

@@ -1,0 +1,541 @@
+"""Training focus directions: the activations the loss reads, their on-disk cache, the loss
+(`span_score`) and the optimiser loop, and the command line `python -m fdlib.training`.
+
+The loss S_C is the attention the chosen heads' response rows give the relevant span, computed
+from cached queries and keys exactly as the model computes its attention: the layer's own
+scaling (`query_pre_attn_scalar`, ...), attention-logit softcapping (Gemma 2) and sliding window
+(Mistral, Gemma 2/3), per chosen head (`span_score_settings`). Pre-RoPE activations live after
+the q/k norm and before the rotation, the space `fdlib.directions.focus_directions` adds
+pre-RoPE directions in; each layer's own rotation (Gemma 3: local and global bases) maps them.
+"""
+
+from __future__ import annotations
+
+from collections import abc
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch import Tensor
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib import arch
+from fdlib.decoding import hooks
+from fdlib.directions import FocusDirections, Placement, TrainingSet
+from fdlib.interventions import Head, check_heads
+from fdlib.models import model_name
+from fdlib.store import atomic_write
+
+
+def _check_placement(placement: str) -> None:
+    if placement not in ("post_rope", "pre_rope"):
+        raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {placement!r}")
+
+
+def check_trainable(model: TransformerBridge, placement: str) -> arch.ModelFacts:
+    """Refuse (NotImplementedError, before any forward) a model whose training activations or
+    score in `placement` cannot be computed exactly."""
+    _check_placement(placement)
+    facts = arch.check_supported(model, "train")
+    if placement == "pre_rope":
+        arch.check_supported(model, "focus_pre_rope")
+    return facts
+
+
+def _rope_cos_sin(model: TransformerBridge, n_pos: int, like: Tensor, layer: int = 0) -> tuple[Tensor, Tensor]:
+    """cos, sin of `layer`'s rotation at positions 0..n_pos-1: [n_pos, rot_dim] (identity, i.e.
+    cos 1 and sin 0, for a model without RoPE)."""
+    got = arch.rope_cos_sin(model.original_model, layer, torch.arange(n_pos), like)
+    if got is None:
+        ones = torch.ones(n_pos, model.cfg.d_head, dtype=like.dtype, device=like.device)
+        return ones, torch.zeros_like(ones)
+    return got
+
+
+@dataclass(frozen=True)
+class HeadActivations:
+    """What the training loss needs from one sample, for the chosen heads only: the queries of
+    the response rows and the keys of every position, in the placement's space (never a T x T
+    pattern). Keys are per chosen query head (its KV head's keys)."""
+
+    q: Float[Tensor, "n_chosen rows d_head"]
+    k: Float[Tensor, "n_chosen pos d_head"]
+    response_start: int
+    span: Any  # fdlib.Span of the relevant document
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() * self.q.element_size() + self.k.numel() * self.k.element_size()
+
+
+def _run_response(model: TransformerBridge, ids: Tensor, response_start: int) -> tuple[dict[int, Tensor], Any]:
+    """Fast prefill of ids[:response_start], then the response rows through the bridge.
+    Returns every layer's post-RoPE queries of the response rows [rows, head_index, d_head] and
+    the KV cache, which then holds every position's post-RoPE keys (per KV head; every position,
+    also on sliding-window layers)."""
+    from fdlib.decoding import prefill
+
+    facts = arch.check_supported(model, "train")
+    rotary = arch.RotaryTable(model.original_model) if facts.query_kind == arch.BEFORE_ROTATION else None
+    got: dict[int, Tensor] = {}
+
+    def keep(layer: int):
+        def hook(q: Float[Tensor, "batch pos head_index d_head"], hook: Any) -> None:
+            q = q[0].detach()
+            if rotary is not None:  # fused-QKV RoPE model: the hook is before the rotation
+                cos, sin = rotary(layer, response_start + q.shape[0], q)
+                q = arch.rotate(q.float(), cos[response_start:, None, :], sin[response_start:, None, :]).to(q.dtype)
+            got[layer] = q
+
+        return hook
+
+    fwd = [(f"blocks.{l}.attn.{facts.query_hook}", keep(l)) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        prefix = prefill(model, ids[: response_start + 1])  # cache holds [0, response_start)
+        with hooks(model, fwd):
+            model(ids[None, response_start:].to(model.cfg.device), past_key_values=prefix.cache, return_type=None)
+    return got, prefix.cache
+
+
+def _kv_groups(model: TransformerBridge) -> int:
+    return model.cfg.n_heads // (getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads)
+
+
+def _select(
+    model: TransformerBridge,
+    q_layers: Sequence[Tensor],
+    k_layers: Sequence[Tensor],
+    chosen: Sequence[Head],
+    response_start: int,
+    span: Any,
+    placement: Placement,
+) -> HeadActivations:
+    """Pick the chosen heads out of per-layer queries [rows, head, d] and keys [kv_head, T, d]
+    (post-RoPE); pre-RoPE activations are those rotated back by each position's angle."""
+    _check_placement(placement)
+    groups = _kv_groups(model)
+    q = torch.stack([q_layers[l][:, h, :] for l, h in chosen]).float()
+    k = torch.stack([k_layers[l][h // groups] for l, h in chosen]).float()
+    if placement == "pre_rope" and arch.rotary_module(model.original_model) is not None:
+        # each head rotated back by its own layer's angles (Gemma 3: local and global bases)
+        rotary = arch.RotaryTable(model.original_model)
+        T = k.shape[1]
+        for c, (l, _) in enumerate(chosen):
+            cos, sin = rotary(l, T, k)
+            k[c] = arch.unrotate(k[c], cos, sin)
+            q[c] = arch.unrotate(q[c], cos[response_start:], sin[response_start:])
+    return HeadActivations(q.contiguous(), k.contiguous(), response_start, span)
+
+
+def collect_activations(
+    model: TransformerBridge,
+    tokens: Tensor,
+    response_start: int,
+    span: Any,
+    heads: Sequence[Head],
+    placement: Placement = "post_rope",
+) -> HeadActivations:
+    """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads.
+
+    The prompt's keys come from the fast prefill's KV cache (post-RoPE, per KV head); only the
+    response rows run through the bridge, where the query hook (`arch.model_facts(model).query_hook`)
+    gives their queries.
+    """
+    from fdlib.decoding import _as_ids
+
+    ids = _as_ids(tokens)
+    T = int(ids.shape[0])
+    if not 0 < response_start < T:
+        raise ValueError(f"response_start must be in [1, {T - 1}], got {response_start}")
+    span.check(T)
+    chosen = check_heads(model, heads)
+    check_trainable(model, placement)
+    qs, cache = _run_response(model, ids, response_start)
+    ks = {l: cache.layers[l].keys[0] for l in range(model.cfg.n_layers)}
+    return _select(model, qs, ks, chosen, response_start, span, placement)
+
+
+# --- the on-disk activation cache -----------------------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+@dataclass(frozen=True)
+class CachedExample:
+    """Where one cached training example lives and what it holds."""
+
+    id: str
+    path: Path
+    response_start: int
+    span: Any  # fdlib.Span
+    n_tokens: int
+    answer: str
+
+
+class ActivationCache:
+    """Per training example, one safetensors file with every layer's post-RoPE queries of the
+    response rows (`q{l}`: [rows, head_index, d_head]) and keys of every position (`k{l}`:
+    [kv_head, pos, d_head]), the prompt + response tokens, and the span; written atomically, so
+    an interrupted build resumes at the first missing example. Pre-RoPE activations are derived
+    on reading (the rotation is exact and invertible), so they cost no disk.
+
+    Keys are stored per KV head (grouped-query attention shares them), in `dtype` (float16 by
+    default: half the disk; the score it gives matches the model's within ~1e-3).
+    Layout: `root / <model> / <training_set> / <example id>.safetensors`.
+    """
+
+    def __init__(self, root: str | Path, model: TransformerBridge, training_set: TrainingSet, dtype: torch.dtype = torch.float16) -> None:
+        if training_set not in ("gold", "long"):
+            raise ValueError(f"training_set must be 'gold' or 'long', got {training_set!r}")
+        self.model = model
+        self.training_set = training_set
+        self.dtype = dtype
+        self.dir = Path(root) / _slug(model_name(model)) / training_set
+
+    def path(self, example_id: str) -> Path:
+        return self.dir / f"{_slug(example_id)}.safetensors"
+
+    def __contains__(self, example_id: str) -> bool:
+        return self.path(example_id).exists()
+
+    def write(self, example_id: str, ids: Tensor, response_start: int, span: Any, answer: str,
+              q_layers: dict[int, Tensor] | None, k_layers: dict[int, Tensor] | None) -> Path:
+        """One example, atomically; `q_layers=None` records an example with no usable response
+        (an empty R_g) so a resumed build does not retry it."""
+        tensors = {"tokens": ids.to(torch.int64).cpu().contiguous()}
+        if q_layers is not None and k_layers is not None:
+            for l in range(self.model.cfg.n_layers):
+                tensors[f"q{l}"] = q_layers[l].to(self.dtype).cpu().contiguous()
+                tensors[f"k{l}"] = k_layers[l].to(self.dtype).cpu().contiguous()
+        meta = {"format": "fdlib.activations/1", "model_name": model_name(self.model), "id": example_id,
+                "training_set": self.training_set, "response_start": response_start,
+                "span": [span.start, span.end], "answer": answer, "usable": q_layers is not None}
+        path = self.path(example_id)
+        # atomic: a crash leaves the old state or the new file, never half a file
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)}))
+        return path
+
+    def example(self, example_id: str) -> CachedExample | None:
+        """The cached example's metadata, None when its response was empty; raises when absent
+        or written for another model."""
+        from safetensors import safe_open
+
+        from fdlib.spans import Span
+
+        path = self.path(example_id)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["fdlib"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not a readable fdlib activation file ({type(err).__name__}: {err})") from None
+        if meta["model_name"] != model_name(self.model):
+            raise ValueError(f"{path} holds activations of {meta['model_name']!r}, not {model_name(self.model)!r}")
+        if not meta["usable"]:
+            return None
+        with safe_open(str(path), framework="pt") as f:
+            n_tokens = int(f.get_slice("tokens").get_shape()[0])
+        return CachedExample(example_id, path, int(meta["response_start"]), Span(*meta["span"]), n_tokens, meta["answer"])
+
+    def read(self, example: CachedExample, heads: Sequence[Head], placement: Placement = "post_rope") -> HeadActivations:
+        """The chosen heads' activations of one example (only their layers are read)."""
+        from safetensors import safe_open
+
+        chosen = check_heads(self.model, heads)
+        layers = sorted({l for l, _ in chosen})
+        q_layers: dict[int, Tensor] = {}
+        k_layers: dict[int, Tensor] = {}
+        with safe_open(str(example.path), framework="pt") as f:
+            for l in layers:
+                q_layers[l], k_layers[l] = f.get_tensor(f"q{l}"), f.get_tensor(f"k{l}")
+        return _select(self.model, q_layers, k_layers, chosen, example.response_start, example.span, placement)
+
+    def nbytes(self) -> int:
+        """Bytes on disk of every cached example."""
+        return sum(p.stat().st_size for p in self.dir.glob("*.safetensors")) if self.dir.exists() else 0
+
+
+class CachedActivations(abc.Sequence):
+    """A lazy sequence of `HeadActivations`: each item is read from the cache when asked for,
+    so training on long prompts never holds every example in memory."""
+
+    def __init__(self, cache: ActivationCache, examples: Sequence[CachedExample], heads: Sequence[Head], placement: Placement) -> None:
+        self.cache, self.examples, self.heads, self.placement = cache, list(examples), list(heads), placement
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> HeadActivations:  # type: ignore[override]
+        return self.cache.read(self.examples[i], self.heads, self.placement)
+
+
+def build_activation_cache(
+    model: TransformerBridge,
+    cache: ActivationCache,
+    *,
+    split: str = "train",
+    size: Any = "quick",
+    n_docs: int = 20,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[CachedExample]:
+    """Cache the training examples of `split`: R_g is the model's greedy answer given the gold
+    document alone; the prompt is the gold-only one (`gold`, the paper's text) or the k-document
+    one (`long`, the authors' release), and the relevant span is the gold document in it.
+    Examples already on disk are skipped; examples with an empty R_g are recorded and left out.
+    """
+    from tqdm.auto import tqdm
+
+    from fdlib.data import NQBuilder
+    from fdlib.decoding import decode, prefill
+
+    builder = NQBuilder(model.tokenizer)
+    golds = builder.samples(split=split, size=size, variant="gold")
+    out: list[CachedExample] = []
+    bar = tqdm(golds, desc=f"caching activations ({cache.training_set})", unit="example", disable=not progress)
+    for gold in bar:
+        qid = gold.id.split("/")[0]
+        if qid not in cache:
+            answer = decode(model, prefill(model, gold.input_ids), max_new_tokens=max_new_tokens)
+            if cache.training_set == "gold":
+                prompt = gold
+            else:
+                example = next(e for e in builder.examples if e.id == qid)
+                prompt = builder.sample(example, n_docs=n_docs)
+            if not answer.tokens:
+                cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None)
+            else:
+                ids = torch.cat([prompt.input_ids, torch.tensor(answer.tokens, dtype=torch.long)])
+                qs, kv = _run_response(model, ids, prompt.n_tokens)
+                ks = {l: kv.layers[l].keys[0] for l in range(model.cfg.n_layers)}
+                cache.write(qid, ids, prompt.n_tokens, prompt.gold_span, answer.text, qs, ks)
+        ex = cache.example(qid)
+        if ex is not None:
+            out.append(ex)
+        bar.set_postfix(disk=f"{cache.nbytes() / 2**20:.0f} MiB")
+    return out
+
+
+def span_score(
+    acts: HeadActivations,
+    d_q: Tensor,
+    d_k: Tensor,
+    *,
+    scale: float | Tensor,
+    rotation: tuple[Tensor, Tensor] | None = None,
+    softcap: float | Tensor | None = None,
+    window: int | Tensor | None = None,
+) -> Float[Tensor, "n_chosen"]:
+    """S_C per chosen head under the model's attention with Q + d_Q and K + d_K, response rows
+    only: softmax over visible keys of cap(((Q + d_Q)(K + d_K)^T) * scale).
+
+    Per chosen head (a number applies to all): `scale` the layer's scaling, `softcap` its
+    attention-logit cap (None / 0: none), `window` its sliding window (None / 0: none; row i sees
+    keys i - window < j <= i). With `rotation` (cos, sin `[T, rot]`, or `[n_chosen, T, rot]` per
+    head), Q, K and the directions are pre-RoPE and rotated here, so d_K meets each key at its
+    own angle. `span_score_settings` gives all of these for a model.
+    """
+    q = acts.q + d_q[:, None, :]
+    k = acts.k + d_k[:, None, :]
+    n_c, n_rows, T = q.shape[0], q.shape[1], k.shape[1]
+    if rotation is not None:
+        cos, sin = rotation
+        if cos.ndim == 2:
+            cos, sin = cos[None], sin[None]
+        rows = slice(acts.response_start, acts.response_start + n_rows)
+        q = arch.rotate(q, cos[:, rows], sin[:, rows])
+        k = arch.rotate(k, cos[:, :T], sin[:, :T])
+    per_head = lambda v: torch.as_tensor(v, dtype=q.dtype, device=q.device).reshape(-1).expand(n_c)
+    scores = torch.einsum("hrd,htd->hrt", q, k) * per_head(scale)[:, None, None]
+    if softcap is not None:
+        cap = per_head(softcap)[:, None, None]
+        safe = torch.where(cap > 0, cap, torch.ones_like(cap))
+        scores = torch.where(cap > 0, torch.tanh(scores / safe) * safe, scores)
+    rows = torch.arange(acts.response_start, acts.response_start + n_rows, device=q.device)
+    cols = torch.arange(T, device=q.device)
+    visible = (cols[None, :] <= rows[:, None])[None].expand(n_c, n_rows, T)
+    if window is not None:
+        w = torch.as_tensor(window, device=q.device).reshape(-1).expand(n_c)[:, None, None]
+        visible = visible & ((w <= 0) | ((rows[:, None] - cols[None, :])[None] < w))
+    w = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return w[..., acts.span.start : acts.span.end].sum(-1).mean(-1)
+
+
+def span_score_settings(model: TransformerBridge, heads: Sequence[Head], placement: Placement, n_pos: int,
+                        like: Tensor | None = None) -> dict[str, Any]:
+    """The keyword arguments of `span_score` that make it the model's own attention for the
+    chosen heads, on activations of up to `n_pos` positions: scale, softcap, window (per head),
+    and the per-head rotation for pre-RoPE activations."""
+    facts = check_trainable(model, placement)
+    chosen = check_heads(model, heads)
+    layers = [facts.layers[l] for l, _ in chosen]
+    out: dict[str, Any] = {"scale": torch.tensor([lf.scaling for lf in layers])}
+    if any(lf.softcap for lf in layers):
+        out["softcap"] = torch.tensor([lf.softcap or 0.0 for lf in layers])
+    if any(lf.window for lf in layers):
+        out["window"] = torch.tensor([lf.window or 0 for lf in layers])
+    if placement == "pre_rope" and facts.rope:
+        like = like if like is not None else torch.zeros(1)
+        rotary = arch.RotaryTable(model.original_model)
+        cs = [rotary(l, n_pos, like) for l, _ in chosen]
+        out["rotation"] = (torch.stack([c for c, _ in cs]), torch.stack([s for _, s in cs]))
+    return out
+
+
+@dataclass
+class TrainResult:
+    directions: FocusDirections
+    losses: list[float]  # mean loss per epoch
+    score_before: Float[Tensor, "n_chosen"]
+    score_after: Float[Tensor, "n_chosen"]
+
+
+def train_focus_directions(
+    model: TransformerBridge,
+    activations: Sequence[HeadActivations],
+    heads: Sequence[Head],
+    *,
+    placement: Placement = "post_rope",
+    training_set: TrainingSet = "gold",
+    lr: float = 1e-3,
+    epochs: int = 10,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    split_seed: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Per head, d_Q and d_K maximising S_C (loss -S_C), AdamW, one step per sample, samples in
+    a seeded order each epoch (the paper's settings as defaults)."""
+    from tqdm.auto import tqdm
+
+    chosen = check_heads(model, heads)
+    check_trainable(model, placement)
+    if not activations:
+        raise ValueError("no training activations")
+    d = model.cfg.d_head
+    gen = torch.Generator().manual_seed(seed)
+    d_q = torch.zeros(len(chosen), d, requires_grad=True)
+    d_k = torch.zeros(len(chosen), d, requires_grad=True)
+    opt = torch.optim.AdamW([d_q, d_k], lr=lr, weight_decay=weight_decay)
+    settings_for: dict[str, dict[str, Any]] = {}
+
+    def score_settings(acts: HeadActivations) -> dict[str, Any]:
+        # scale / softcap / window per head, and rotations for every position, grown on demand
+        # (the examples have different lengths)
+        T = acts.k.shape[1]
+        got = settings_for.get("s")
+        if got is None or ("rotation" in got and got["rotation"][0].shape[1] < T):
+            got = span_score_settings(model, chosen, placement, max(T, 2 * (got["rotation"][0].shape[1] if got else 0)))
+            settings_for["s"] = got
+        return got
+
+    def score(acts: HeadActivations) -> Tensor:
+        return span_score(acts, d_q, d_k, **score_settings(acts))
+
+    def mean_score() -> Tensor:
+        with torch.no_grad():
+            return torch.stack([score(a) for a in activations]).mean(0)
+
+    before = mean_score()
+    losses = []
+    bar = tqdm(total=epochs * len(activations), desc="training focus directions", unit="step", disable=not progress)
+    for _ in range(epochs):
+        order = torch.randperm(len(activations), generator=gen).tolist()
+        total = 0.0
+        for i in order:
+            loss = -score(activations[i]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) / len(chosen)
+            bar.update(1)
+        losses.append(total / len(activations))
+        bar.set_postfix(loss=losses[-1])
+    bar.close()
+    shape = (model.cfg.n_layers, model.cfg.n_heads, d)
+    full_q, full_k = torch.zeros(shape), torch.zeros(shape)
+    for c, (l, h) in enumerate(chosen):
+        full_q[l, h], full_k[l, h] = d_q.detach()[c], d_k.detach()[c]
+    settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed,
+                "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
+    dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
+    return TrainResult(dirs, losses, before, mean_score())
+
+
+def all_heads(model: TransformerBridge) -> list[Head]:
+    return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
+
+def train_nq_directions(
+    model: TransformerBridge,
+    *,
+    training_set: TrainingSet = "gold",
+    placement: Placement = "post_rope",
+    size: Any = "quick",
+    heads: Sequence[Head] | None = None,
+    root: str | Path | None = None,
+    n_docs: int = 20,
+    progress: bool = True,
+    **train_kwargs: Any,
+) -> TrainResult:
+    """Cache the NQ training split's activations (resumable) and train directions on them.
+
+    `heads=None` trains every head, so random-head controls have directions of their own.
+    `root` defaults to `<fdlib cache>/activations`. Extra keyword arguments go to
+    `train_focus_directions` (lr, epochs, weight_decay, seed).
+    """
+    from fdlib.data import SPLIT_SEED
+    from fdlib.models import cache_dir
+
+    check_trainable(model, placement)
+    cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set)
+    examples = build_activation_cache(model, cache, split="train", size=size, n_docs=n_docs, progress=progress)
+    chosen = list(heads) if heads is not None else all_heads(model)
+    acts = CachedActivations(cache, examples, chosen, placement)
+    result = train_focus_directions(model, acts, chosen, placement=placement, training_set=training_set,
+                                    split_seed=SPLIT_SEED, progress=progress, **train_kwargs)
+    result.directions.settings.update({"size": size if isinstance(size, (int, str)) else str(size), "n_docs": n_docs,
+                                       "cache_mib": round(cache.nbytes() / 2**20, 1)})
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train one set of directions on the NQ training split and save it."""
+    import argparse
+
+    from fdlib.models import DEFAULT_MODEL, load_model
+    from fdlib.scoring import contextual_study
+
+    ap = argparse.ArgumentParser(prog="python -m fdlib.training", description="train focus directions on NQ")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--training-set", choices=["gold", "long"], default="gold")
+    ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
+    ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
+    ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
+    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
+    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
+    args = ap.parse_args(argv)
+    model = load_model(args.model)
+    size = int(args.size) if args.size.isdigit() else args.size
+    heads = None
+    if args.top:
+        hs = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
+        heads = contextual_study(model, size=hs, split="train", store=args.heads_store).heads(args.top)
+    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=size,
+                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed)
+    result.directions.save(args.out)
+
+
+if __name__ == "__main__":
+    main()
