@@ -32,7 +32,8 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib import arch
 from fdlib.decoding import first_row_position, hooks
-from fdlib.interventions import Head, check_from_pos, check_heads, heads_by_layer
+from fdlib.heads import Head, check_heads, heads_by_layer
+from fdlib.interventions import check_from_pos
 from fdlib.models import model_name
 from fdlib.store import atomic_write
 

@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from fdlib import arch
 from fdlib.decoding import Prefix, _stop_tokens, check_length
 from fdlib.directions import FocusDirections
-from fdlib.interventions import Head, check_heads
+from fdlib.heads import Head, check_heads
 from fdlib.models import fast_prefill_model
 from fdlib.reweighting import SPAN_MAPS, check_strength, reweight_rows, target_share
 from fdlib.spans import Span, check_spans

@@ -40,7 +40,7 @@ from fdlib.decoding import Prefix, check_length, decode, hooks
 from fdlib.directions import FocusDirections
 from fdlib.evaluate import best_subspan_em
 from fdlib.conditions import Condition
-from fdlib.interventions import Head, check_heads
+from fdlib.heads import Head, check_heads
 from fdlib.study import StudySample, intervention
 from fdlib.scoring import KIND_LABELS, KINDS, head_label, kind_scores, top_heads
 from fdlib.spans import Span

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 Head = tuple[int, int]
 _LABEL = re.compile(r"^L(\d+)H(\d+)$")
@@ -24,6 +24,30 @@ def parse_head(label: str) -> Head:
 
 def labels(heads: Sequence[Head]) -> list[str]:
     return [head_label(l, h) for l, h in heads]
+
+
+def check_heads(model: Any, heads: Sequence[Head]) -> list[Head]:
+    """Validate (layer, head) pairs against the model; duplicates are dropped, order kept."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    out: list[Head] = []
+    for item in heads:
+        try:
+            layer, head = (int(x) for x in item)
+        except (TypeError, ValueError):
+            raise ValueError(f"a head must be a (layer, head) pair, got {item!r}") from None
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ValueError(f"head L{layer}H{head} is outside the model ({n_layers} layers x {n_heads} heads)")
+        if (layer, head) not in out:
+            out.append((layer, head))
+    return out
+
+
+def heads_by_layer(heads: Sequence[Head]) -> dict[int, list[int]]:
+    """{layer: [head, ...]} in the order given: one hook per layer serves all its heads."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in heads:
+        by_layer.setdefault(layer, []).append(head)
+    return by_layer
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[Head]:

@@ -27,7 +27,7 @@ from typing import Any
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.directions import FocusDirections
-from fdlib.interventions import Head
+from fdlib.heads import Head
 from fdlib.models import model_name
 
 RELEASE_K = 20

@@ -18,15 +18,12 @@ positions the row can see, and a row that sees none of the span is left unchange
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Literal, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-
-from fdlib.spans import Span
 
 SpanMap = Literal["split", "odds", "boost"]
 SPAN_MAPS: tuple[str, ...] = ("split", "odds", "boost")
@@ -103,53 +100,3 @@ def reweight_rows(
         out = torch.where(empty & (n_seen == 0), pat, out)
     return out.to(pattern.dtype)
 
-
-@contextlib.contextmanager
-def reweight_span(
-    model: Any,
-    heads: Sequence[tuple[int, int]],
-    span: Span,
-    span_map: str,
-    value: float,
-    from_pos: int = 0,
-) -> Iterator[None]:
-    """Re-weight the chosen heads' attention on `span` with a named map for every query row at
-    position >= `from_pos`, on `blocks.{l}.attn.hook_pattern` of a TransformerBridge.
-
-    `span_map="split"` with `value=tau` is `fdlib.split_softmax`. During generation use
-    `from_pos = len(prompt) - 1` (the last prompt row produces the first answer token).
-    Positions are absolute, in a full forward and in a cached decode step alike.
-    """
-    from fdlib.decoding import hooks
-    from fdlib.interventions import check_from_pos, check_heads, heads_by_layer
-
-    value = check_strength(span_map, value)
-    chosen = check_heads(model, heads)
-    if not isinstance(span, Span):
-        raise ValueError(f"span must be an fdlib.Span, got {span!r}")
-    check_from_pos(from_pos)
-
-    def make_hook(head_idx: list[int]) -> Any:
-        def hook(pattern: Float[Tensor, "batch head_index query_pos key_pos"], hook: Any) -> Tensor:
-            n_q, n_k = pattern.shape[-2], pattern.shape[-1]
-            first_row = n_k - n_q  # absolute position of the first query row in this call
-            skip = max(0, from_pos - first_row)
-            if skip >= n_q:
-                return pattern
-            if span.end > n_k:
-                raise ValueError(f"reweighted span {span} lies past the {n_k} positions attended to")
-            cols = torch.arange(n_k, device=pattern.device)
-            mask = (cols >= span.start) & (cols < span.end)
-            row_pos = torch.arange(first_row + skip, n_k, device=pattern.device)
-            visible = cols[None, :] <= row_pos[:, None]  # [query_pos, key_pos]
-            sub = pattern[:, head_idx, skip:, :]
-            pi = (sub.double() * mask).sum(-1)
-            out = pattern.clone()
-            out[:, head_idx, skip:, :] = reweight_rows(sub, mask, target_share(pi, span_map, value), visible)
-            return out
-
-        return hook
-
-    fwd = [(f"blocks.{layer}.attn.hook_pattern", make_hook(h)) for layer, h in sorted(heads_by_layer(chosen).items())]
-    with hooks(model, fwd):
-        yield

@@ -23,16 +23,13 @@ from fdlib.arch import check_supported
 from fdlib.data import QASample
 from fdlib.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
+from fdlib.heads import head_label
 from fdlib.models import model_name
 from fdlib.spans import Span, check_spans
 from fdlib.store import Row, Store, open_store
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
 KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}
-
-
-def head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
 
 
 @torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards

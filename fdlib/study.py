@@ -32,10 +32,9 @@ from fdlib.decoding import Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.engine import RowIntervention, decode_batch
 from fdlib.evaluate import best_subspan_em
-from fdlib.heads import Head, labels
-from fdlib.interventions import ablate_heads, check_heads
+from fdlib.heads import Head, check_heads, labels
+from fdlib.interventions import ablate_heads, reweight_span
 from fdlib.models import model_name
-from fdlib.reweighting import reweight_span
 from fdlib.spans import Span
 from fdlib.store import Row, Store, open_store
 

@@ -27,7 +27,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from fdlib import arch
 from fdlib.decoding import hooks
 from fdlib.directions import FocusDirections, Placement, TrainingSet
-from fdlib.interventions import Head, check_heads
+from fdlib.heads import Head, check_heads
 from fdlib.models import model_name
 from fdlib.store import atomic_write
 

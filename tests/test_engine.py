@@ -14,8 +14,8 @@ from fdlib.directions import FocusDirections
 from fdlib.engine import RowIntervention, decode_batch
 from fdlib.heads import random_heads
 from fdlib.models import StopTokens, model_name
-from fdlib.reweighting import reweight_span, target_share
-from fdlib.interventions import ablate_heads
+from fdlib.interventions import ablate_heads, reweight_span
+from fdlib.reweighting import target_share
 from conftest import build_tiny, fake_samples
 
 
