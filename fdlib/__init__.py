@@ -1,19 +1,36 @@
-"""fdlib: contextual heads, split-softmax and focus directions (Zhu et al., 2025) on TransformerLens."""
+"""fdlib: contextual heads, split-softmax and focus directions (Zhu et al., 2025) on TransformerLens.
 
+The layers, bottom up (each imports only those before it):
+- engine: `models` (loading, offline models), `arch` (model facts, refusals), `decoding`
+  (prefill, the sequential decode on the bridge, span recorders), `engine` (batched decoding over
+  a shared prompt cache);
+- interventions: `reweighting` (what span reweighting does to a row), `interventions` (where:
+  hooks for reweighting and ablation), `directions` (the focus-directions file format and hook),
+  `training` (learning them), `release` (the paper's own);
+- studies: `conditions` (the one condition type), `study` (the one runner and reader), `store`,
+  `scoring`, `sweeps`, `longctx`, `retrieval`, `evaluate`;
+- data: `spans`, `data` (NQ), `tasks` (long-context tasks), `heads`;
+- views: `plots`, `explorer`, `gallery`, `exercises`.
+"""
+
+from fdlib.conditions import Condition
 from fdlib.data import NQBuilder, QASample, qa_samples
-from fdlib.directions import FocusDirections, focus_directions, focus_table, key_bias
-from fdlib.training import ActivationCache, train_focus_directions, train_nq_directions
 from fdlib.decoding import Answer, Prefix, SpanRecorder, decode, hooks, prefill
-from fdlib.interventions import ablate_heads, split_softmax
+from fdlib.directions import FocusDirections, focus_directions, key_bias
+from fdlib.engine import RowIntervention, decode_batch
 from fdlib.evaluate import best_subspan_em, bootstrap_ci, normalize_answer
+from fdlib.heads import head_label, random_heads
+from fdlib.interventions import ablate_heads, reweight_span, split_softmax
 from fdlib.models import DEFAULT_MODEL, ModelNotAvailableError, load_model
+from fdlib.release import load_release, released_directions, released_heads
+from fdlib.retrieval import retrieval_heads, retrieval_scores
 from fdlib.scoring import (
     KINDS,
     ContextualStudy,
     SampleScores,
     contextual_scores,
     contextual_study,
-    head_label,
+    focus_table,
     head_table,
     heads_above,
     mean_scores,
@@ -21,14 +38,19 @@ from fdlib.scoring import (
     score_sample,
     top_heads,
 )
-from fdlib.retrieval import retrieval_heads, retrieval_scores
 from fdlib.spans import Span
+from fdlib.store import Store, merge_stores
+from fdlib.study import StudySample, run_study, study_frame
 from fdlib.tasks import TASKS, TaskSample, task_samples
+from fdlib.training import ActivationCache, train_focus_directions, train_nq_directions
 
 __all__ = [
-    "ActivationCache", "Answer", "DEFAULT_MODEL", "FocusDirections", "focus_directions", "focus_table", "key_bias",
-    "train_focus_directions", "train_nq_directions", "KINDS", "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample",
-    "SampleScores", "Span", "SpanRecorder", "best_subspan_em", "bootstrap_ci", "ContextualStudy", "contextual_scores", "contextual_study",
-    "decode", "head_label", "head_table", "heads_above", "hooks", "load_model", "mean_scores",
-    "normalize_answer", "prefill", "retrieval_heads", "retrieval_scores", "TASKS", "TaskSample", "task_samples", "qa_samples", "score_dataset", "score_sample", "split_softmax", "ablate_heads", "top_heads",
+    "ActivationCache", "Answer", "Condition", "ContextualStudy", "DEFAULT_MODEL", "FocusDirections", "KINDS",
+    "ModelNotAvailableError", "NQBuilder", "Prefix", "QASample", "RowIntervention", "SampleScores", "Span",
+    "SpanRecorder", "Store", "StudySample", "TASKS", "TaskSample", "ablate_heads", "best_subspan_em", "bootstrap_ci",
+    "contextual_scores", "contextual_study", "decode", "decode_batch", "focus_directions", "focus_table", "head_label",
+    "head_table", "heads_above", "hooks", "key_bias", "load_model", "load_release", "mean_scores", "merge_stores",
+    "normalize_answer", "prefill", "qa_samples", "random_heads", "released_directions", "released_heads",
+    "retrieval_heads", "retrieval_scores", "reweight_span", "run_study", "score_dataset", "score_sample",
+    "split_softmax", "study_frame", "task_samples", "top_heads", "train_focus_directions", "train_nq_directions",
 ]

@@ -267,48 +267,6 @@ def focus_directions(
 # --- analysis -------------------------------------------------------------------------------
 
 
-def focus_table(
-    model: TransformerBridge,
-    samples: Sequence[Any],
-    directions: FocusDirections,
-    heads: Sequence[Head],
-    alpha: float,
-    *,
-    report: Sequence[Head] | None = None,
-    max_new_tokens: int = 32,
-    level: float = 0.95,
-    progress: bool = True,
-) -> "pd.DataFrame":
-    """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
-    without and with directions on `heads` at `alpha` (response rows), per input variant of
-    `samples` (QASamples: long and gold-only cases), with bootstrap CIs and EM."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    from fdlib.decoding import decode, prefill
-    from fdlib.scoring import answer_scores, head_table
-
-    report = list(report) if report is not None else list(heads)
-    runs: dict[tuple[str, str], list] = {}
-    for sample in tqdm(samples, desc="focus table", disable=not progress):
-        prefix = prefill(model, sample.input_ids)
-        spans = sample.named_spans()
-        plain = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
-        with focus_directions(model, directions, heads, alpha, from_pos=sample.n_tokens - 1):
-            steered = decode(model, prefix, max_new_tokens=max_new_tokens, spans=spans)
-        runs.setdefault((sample.variant, "without"), []).append(answer_scores(model, sample, plain))
-        runs.setdefault((sample.variant, f"alpha={alpha:g}"), []).append(answer_scores(model, sample, steered))
-    parts = []
-    for (case, condition), results in runs.items():
-        t = head_table(results, report, level=level).reset_index()
-        t.insert(1, "EM", sum(r.em for r in results) / len(results))
-        t.insert(1, "n", len(results))
-        t.insert(0, "directions", condition)
-        t.insert(0, "case", case)
-        parts.append(t)
-    return pd.concat(parts, ignore_index=True).set_index(["case", "directions", "head"])
-
-
 @torch.no_grad()
 def key_bias(
     model: TransformerBridge,

@@ -293,42 +293,47 @@ def shared_prefix_attention(
         q = q + plan.dq_post
     if plan.dq_pre is not None:
         q = q + (plan.dq_pre if rope is None else arch.rotate(plan.dq_pre, rope[0][pos], rope[1][pos]))
-    # prompt part: the queries of every row and head of a KV group against that group's keys
-    qg = q.reshape(B, n_kv, g, d).permute(1, 0, 2, 3).reshape(n_kv, B * g, d)
-    s_pre = torch.matmul(qg, lc.prefix_keys.float().transpose(1, 2))  # [n_kv, B*g, P]
-    s_pre = s_pre.reshape(n_kv, B, g, P).permute(1, 0, 2, 3).reshape(B, H, P)
-    k_own = key.float().repeat_interleave(g, dim=1)  # [B, H, t, d]
-    s_own = torch.einsum("bhd,bhtd->bht", q, k_own)
-    scores = torch.cat([s_pre, s_own], dim=-1) * scale  # [B, H, n_keys]
+    def kv(x: Tensor) -> Tensor:  # [B, H, ...] -> [n_kv, B*g, ...]: every row and head of a KV group
+        return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
+
+    def bh(x: Tensor) -> Tensor:  # [n_kv, B*g, ...] -> [B, H, ...]
+        return x.reshape(n_kv, B, g, *x.shape[2:]).transpose(0, 1).reshape(B, H, *x.shape[2:])
+
+    # The prompt part: per KV head, one product of the queries of every row and head of its group
+    # against the shared keys (read once, never copied per row). Rows stay in this layout until
+    # the output, so no [batch, heads, keys] tensor is permuted.
+    qk = kv(q)  # [n_kv, B*g, d]
+    s_pre = torch.matmul(qk, lc.prefix_keys.float().transpose(1, 2))  # [n_kv, B*g, P]
+    s_own = torch.einsum("kbgd,kbtd->kbgt", qk.view(n_kv, B, g, d), key.float().transpose(0, 1)).reshape(n_kv, B * g, t)
+    scores = torch.cat([s_pre, s_own], dim=-1) * scale  # [n_kv, B*g, n_keys]
     if plan.dk_post is not None:  # q . d_K: the same for every key, it matters only under a softcap
-        scores = scores + (q * plan.dk_post).sum(-1, keepdim=True) * scale
+        scores = scores + kv((q * plan.dk_post).sum(-1, keepdim=True)) * scale
     if plan.dk_pre is not None:
         if rope is None:
-            scores = scores + (q * plan.dk_pre).sum(-1, keepdim=True) * scale
+            scores = scores + kv((q * plan.dk_pre).sum(-1, keepdim=True)) * scale
         else:
-            scores = scores + _pre_rope_bias(q, plan.dk_pre, rope[0], rope[1]) * scale
+            scores = scores + kv(_pre_rope_bias(q, plan.dk_pre, rope[0], rope[1])) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     visible = None
     if sliding_window is not None and n_keys > sliding_window:
         visible = torch.arange(n_keys, device=q.device) > pos - sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
-    pattern = torch.softmax(scores, dim=-1)  # [B, H, n_keys], float32
+    pattern = torch.softmax(scores, dim=-1)  # [n_kv, B*g, n_keys], float32
     if plan.reweight_heads is not None:
-        rows = plan.reweight_heads  # [B, H]
         # spans lie in the prompt: [0, P] (P, the last prompt token, is each row's first own key)
-        pi_mask = torch.cat([plan.span_mask, plan.span_mask.new_zeros(B, t - 1)], dim=-1)[:, None, :]  # [B, 1, n_keys]
-        pi = (pattern.double() * pi_mask).sum(-1)
-        target = target_share(pi, plan.map_code[:, None], plan.strength[:, None])
-        new = reweight_rows(pattern, pi_mask, target, visible)
-        pattern = torch.where(rows[..., None], new, pattern)
+        in_span = torch.cat([plan.span_mask, plan.span_mask.new_zeros(B, t - 1)], dim=-1)[None, :, None, :]
+        p4 = pattern.view(n_kv, B, g, n_keys)
+        pi = (p4.double() * in_span).sum(-1)  # [n_kv, B, g]
+        target = target_share(pi, plan.map_code[None, :, None], plan.strength[None, :, None])
+        chosen = plan.reweight_heads.view(B, n_kv, g).transpose(0, 1)[..., None]  # [n_kv, B, g, 1]
+        pattern = torch.where(chosen, reweight_rows(p4, in_span, target, visible), p4).reshape(n_kv, B * g, n_keys)
     if batch.indicator is not None:
-        batch.sums[layer].append((pattern[..., : P + 1] @ batch.indicator).cpu())  # [B, H, n_spans]
-    pg = pattern[..., :P].reshape(B, n_kv, g, P).permute(1, 0, 2, 3).reshape(n_kv, B * g, P)
-    out = torch.matmul(pg, lc.prefix_values.float())  # [n_kv, B*g, d_v]
-    out = out.reshape(n_kv, B, g, -1).permute(1, 0, 2, 3).reshape(B, H, -1)
-    v_own = value.float().repeat_interleave(g, dim=1)  # [B, H, t, d_v]
-    out = out + torch.einsum("bht,bhtd->bhd", pattern[..., P:], v_own)
+        batch.sums[layer].append(bh(pattern[..., : P + 1] @ batch.indicator).cpu())  # [B, H, n_spans]
+    out = torch.matmul(pattern[..., :P], lc.prefix_values.float())  # [n_kv, B*g, d_v]
+    own = pattern[..., P:].reshape(n_kv, B, g, t)
+    out = out + torch.einsum("kbgt,kbtd->kbgd", own, value.float().transpose(0, 1)).reshape(n_kv, B * g, -1)
+    out = bh(out)  # [B, H, d_v]
     if plan.ablate is not None:
         out = out.masked_fill(plan.ablate[..., None], 0.0)
     return out[:, None, :, :].to(query.dtype), None  # [B, 1, H, d_v]

@@ -42,7 +42,8 @@ from fdlib.evaluate import best_subspan_em
 from fdlib.conditions import Condition
 from fdlib.heads import Head, check_heads
 from fdlib.study import StudySample, intervention
-from fdlib.scoring import KIND_LABELS, KINDS, head_label, kind_scores, top_heads
+from fdlib.heads import head_label
+from fdlib.scoring import KIND_LABELS, KINDS, kind_scores, top_heads
 from fdlib.spans import Span
 
 InterventionKind = Literal["none", "split_softmax", "focus"]

@@ -125,11 +125,20 @@ def score_dataset(
     conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
     frame = run_study(model, samples, conditions, store=store, max_new_tokens=max_new_tokens, progress=progress,
                       desc="scoring samples")
-    by_id = {r.sample_id: r for r in frame.itertuples()}
+    return frame_scores(model, frame, samples)
+
+
+def frame_scores(
+    model: TransformerBridge, frame: pd.DataFrame, samples: Sequence[QASample], condition: str | None = None
+) -> list[SampleScores]:
+    """`SampleScores` of `samples` (in their order) read off a study frame: the row of each
+    sample under `condition` (a key; default: the baseline of the sample's variant). A kind the
+    prompt does not define (relevant without gold, IR-max without irrelevant documents) is NaN."""
+    by_key = {(r.sample_id, r.condition): r for r in frame.itertuples()}
     nan = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
     out = []
     for sample in samples:
-        r = by_id[sample.id]
+        r = by_key[(sample.id, condition or f"baseline|{sample.variant}")]
         kinds = {}
         for k in KINDS:
             a = getattr(r, f"{k}_score")
@@ -183,6 +192,44 @@ def head_table(
             row[label], row[f"{label} lo"], row[f"{label} hi"] = mean, lo, hi
         rows.append(row)
     return pd.DataFrame(rows).set_index("head")
+
+
+def focus_table(
+    model: TransformerBridge,
+    samples: Sequence[QASample],
+    directions: "FocusDirections",
+    heads: Sequence[tuple[int, int]],
+    alpha: float,
+    *,
+    report: Sequence[tuple[int, int]] | None = None,
+    store: str | Path | Store | None = None,
+    max_new_tokens: int = 32,
+    level: float = 0.95,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
+    without and with directions on `heads` at `alpha` (answer rows), per input variant of
+    `samples` (long and gold-only cases), with bootstrap CIs and EM: one `run_study`."""
+    from fdlib.conditions import Condition
+    from fdlib.study import run_study
+
+    report = list(report) if report is not None else list(heads)
+    variants = list(dict.fromkeys(s.variant for s in samples))
+    pairs = {v: (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)) for v in variants}
+    frame = run_study(model, samples, [c for pair in pairs.values() for c in pair], directions={"focus": directions},
+                      store=store, max_new_tokens=max_new_tokens, progress=progress, desc="focus table")
+    parts = []
+    for v, (plain, steered) in pairs.items():
+        these = [s for s in samples if s.variant == v]
+        for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
+            results = frame_scores(model, frame, these, c.key)
+            t = head_table(results, report, level=level).reset_index()
+            t.insert(1, "EM", sum(r.em for r in results) / len(results))
+            t.insert(1, "n", len(results))
+            t.insert(0, "directions", name)
+            t.insert(0, "case", v)
+            parts.append(t)
+    return pd.concat(parts, ignore_index=True).set_index(["case", "directions", "head"])
 
 
 def em_summary(results: Sequence[SampleScores], *, level: float = 0.95) -> dict[str, float]:

@@ -35,11 +35,11 @@ from fdlib.evaluate import best_subspan_em
 from fdlib.heads import Head, check_heads, labels
 from fdlib.interventions import ablate_heads, reweight_span
 from fdlib.models import model_name
+from fdlib.scoring import KINDS, kind_scores
 from fdlib.spans import Span
 from fdlib.store import Row, Store, open_store
 
 Engine = Literal["batched", "sequential"]
-KINDS = ("relevant", "irrelevant", "irmax", "sink")
 DECODING = "greedy; stop at eos, or at a newline once the answer has text"
 
 
@@ -122,22 +122,15 @@ def as_study_samples(samples: Sequence[Any]) -> list[StudySample]:
     return [s if isinstance(s, StudySample) else StudySample(s) for s in samples]
 
 
-def kind_scores(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
-    """The stored score kinds from recorded span means: `relevant`, `sink`, and with documents
-    `irrelevant` (all other documents) and `irmax` (the most-attended other document). A kind the
-    prompt does not define is left out (relevant on a negative input, irmax on a gold-only one,
-    whose irrelevant score is 0)."""
-    out = {k: scores[k] for k in ("relevant", "sink") if k in scores}
-    docs = [n for n in spans if n.startswith("doc") and n[3:].isdigit()]
-    if docs:
-        gold = spans.get("relevant")
-        others = [scores[n] for n in docs if spans[n] != gold]
-        if others:
-            stack = torch.stack(others)
-            out["irrelevant"], out["irmax"] = stack.sum(0), stack.max(0).values
-        else:
-            out["irrelevant"] = torch.zeros_like(scores["sink"])
-    return out
+def span_kinds(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
+    """The stored score kinds from recorded span means: with documents (`doc{i}`) the four kinds
+    of `fdlib.scoring.kind_scores` (NaN where the prompt leaves one undefined); without, the
+    `relevant` and `sink` scores."""
+    docs = sorted((n for n in spans if n.startswith("doc") and n[3:].isdigit()), key=lambda n: int(n[3:]))
+    if not docs:
+        return {k: scores[k] for k in ("relevant", "sink") if k in scores}
+    gold = next((i for i, n in enumerate(docs) if spans[n] == spans.get("relevant")), None)
+    return kind_scores(torch.stack([scores[n] for n in docs]), gold, scores["sink"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +398,7 @@ def _decode_sample(model, s: StudySample, planned: list[_Planned], directions, e
             "head_list": labels(p.heads), "answer": ans.text, "n_answer_tokens": len(ans.tokens),
             "metric": s.metric, "score": s.score(ans.text), "setup": p.setup,
         }
-        arrays = {k: v.numpy().astype(np.float32) for k, v in kind_scores(ans.scores, spans).items()} if ans.scores else {}
+        arrays = {k: v.numpy().astype(np.float32) for k, v in span_kinds(ans.scores, spans).items()} if ans.scores else {}
         out.append(Row(s.id, c.key, p.setup_sha, record, arrays))
     return out
 

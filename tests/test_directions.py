@@ -269,7 +269,7 @@ def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
 def test_focus_table_shape_and_direction(tiny):
     from conftest import fake_samples
 
-    from fdlib.directions import focus_table
+    from fdlib.scoring import focus_table
     from fdlib.training import train_focus_directions
 
     acts = planted_activations(tiny)
