@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float
@@ -93,68 +93,6 @@ class RowAnswer:
 
 
 # ---------------------------------------------------------------------------------------------
-# The cache: the prompt's keys shared, each row's answer keys its own
-
-
-class SharedPrefixLayer(CacheLayerMixin):
-    """One layer: the prompt's keys/values `[n_kv, P, d_head]` (views of the prefill cache, never
-    copied) and per row the keys/values of its own tokens `[batch, n_kv, t, d_head]`.
-
-    `update` stores the step's keys and returns the rows' own keys only; the attention function
-    reads the prompt's from `prefix_keys` / `prefix_values`.
-    """
-
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
-        super().__init__()
-        self.prefix_keys = keys[0]
-        self.prefix_values = values[0]
-        self.capacity = capacity
-        self.t = 0
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # pragma: no cover
-        pass
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        n = key_states.shape[-2]
-        if self.t == 0:
-            b, h, _, d = key_states.shape
-            self.keys = key_states.new_empty(b, h, self.capacity, d)
-            self.values = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
-        if self.t + n > self.capacity:
-            raise RuntimeError(f"answer cache full: {self.capacity} positions")
-        self.keys[:, :, self.t : self.t + n] = key_states
-        self.values[:, :, self.t : self.t + n] = value_states
-        self.t += n
-        return self.keys[:, :, : self.t], self.values[:, :, : self.t]
-
-    def keep(self, rows: Tensor) -> None:
-        """Keep only these batch rows (the others finished)."""
-        if self.t:
-            self.keys = self.keys[rows]
-            self.values = self.values[rows]
-
-    @property
-    def prefix_length(self) -> int:
-        return int(self.prefix_keys.shape[-2])
-
-    def get_seq_length(self) -> int:
-        return self.prefix_length + self.t
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
-    def get_max_length(self) -> int:
-        return -1
-
-
-# ---------------------------------------------------------------------------------------------
 # Per-layer plans: what the rows do, as tensors
 
 
@@ -213,31 +151,148 @@ def _plans(
 
 
 # ---------------------------------------------------------------------------------------------
-# The attention function
+# Groups: rows that share one prompt
+
+
+@dataclass(frozen=True)
+class Job:
+    """Rows to decode from one prompt: `prefix` (a `Prefix`, or a function making it, called when
+    the first row is admitted, so prompts are prefilled as the batch needs them), the rows'
+    interventions, and the spans recorded. `key` identifies the job in `decode_jobs`' output."""
+
+    key: Any
+    prefix: Any
+    rows: Sequence[RowIntervention]
+    spans: dict[str, Span] | None = None
+
+
+class _GroupLayer:
+    """One layer of a group: the prompt's keys/values `[n_kv, P, d_head]` (views of the prefill
+    cache, never copied) and per row the keys/values of its own tokens `[rows, n_kv, t, d_head]`."""
+
+    def __init__(self, keys: Tensor, values: Tensor, capacity: int) -> None:
+        self.prefix_keys, self.prefix_values = keys[0], values[0]
+        self.capacity = capacity
+        self.t = 0
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        if self.keys is None:
+            n, h, _, d = k.shape
+            self.keys = k.new_empty(n, h, self.capacity, d)
+            self.values = v.new_empty(n, h, self.capacity, v.shape[-1])
+        if self.t >= self.capacity:
+            raise RuntimeError(f"answer cache full: {self.capacity} positions")
+        self.keys[:, :, self.t : self.t + 1] = k
+        self.values[:, :, self.t : self.t + 1] = v
+        self.t += 1
+
+    def keep(self, rows: Tensor) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
+
+class _Group:
+    """Rows of one job admitted together: they share the prompt and step in lockstep (one token
+    per step each); rows leave as they finish."""
+
+    def __init__(self, model: TransformerBridge, job: Job, prefix: Prefix, first: int, rows: Sequence[RowIntervention],
+                 max_new_tokens: int) -> None:
+        cfg = model.cfg
+        self.job, self.first, self.rows = job, first, list(rows)
+        self.P = prefix.length - 1
+        self.last_prompt_token = int(prefix.tokens[-1])
+        self.names = list(job.spans or {})
+        device = prefix.tokens.device
+        self.indicator = None
+        if self.names:
+            self.indicator = torch.zeros(self.P + 1, len(self.names), dtype=torch.float32, device=device)
+            for k, name in enumerate(self.names):
+                self.indicator[job.spans[name].slice, k] = 1.0
+        self.layers = []
+        for l in range(cfg.n_layers):
+            src = prefix.cache.layers[l]
+            if src.keys.shape[-2] != self.P:
+                raise ValueError(f"layer {l} of the prefix cache holds {src.keys.shape[-2]} keys, expected {self.P}: "
+                                 "a cache that drops keys (a sliding window) cannot be shared")
+            self.layers.append(_GroupLayer(src.keys, src.values, max_new_tokens + 1))
+        self.plans = _plans(self.rows, cfg.n_layers, cfg.n_heads, cfg.d_head, self.P, device)
+        n = len(self.rows)
+        self.answers: list[list[int]] = [[] for _ in range(n)]
+        self.sums = torch.zeros(n, cfg.n_layers, cfg.n_heads, len(self.names), dtype=torch.float64)
+        self.active = torch.arange(n)
+        self.step = 0
+        self.step_sums: list[Tensor | None] = [None] * cfg.n_layers
+
+    @property
+    def position(self) -> int:
+        """Absolute position of this step's rows."""
+        return self.P + self.step
+
+    def inputs(self) -> list[int]:
+        if self.step == 0:
+            return [self.last_prompt_token] * len(self.active)
+        return [self.answers[int(b)][-1] for b in self.active]
+
+    def keep(self, idx: Tensor) -> None:
+        for layer in self.layers:
+            layer.keep(idx)
+        for plan in self.plans:
+            plan.keep(idx)
+        self.active = self.active[idx.cpu()]
 
 
 @dataclass
 class _Batch:
-    """What the attention function needs during one batched decode."""
+    """What the attention function needs during one forward: the groups, in batch order."""
 
-    hf_model: Any
-    cache: Cache
-    plans: list[_LayerPlan]
-    indicator: Float[Tensor, "prompt_pos n_spans"] | None
-    sums: list[list[Tensor]]  # per layer, per step: [batch_at_step, head_index, n_spans]
-    n_positions: int = 0  # prompt + answer budget: the positions rotations are needed for
-    rope: dict[Any, tuple[Tensor, Tensor] | None] = field(default_factory=dict)
+    groups: list[_Group]
+    rotary: Any  # arch.RotaryTable, or None for a model without RoPE
 
-    def rope_at(self, layer: int, n_pos: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
-        """cos, sin `[n_pos, rot_dim]` of this layer's rotation at positions [0, n_pos), computed
-        once per layer kind for the whole budget."""
-        kind = arch.layer_type(self.hf_model, layer)
-        key = layer if kind is None else kind
-        if key not in self.rope:
-            got = arch.rope_cos_sin(self.hf_model, layer, torch.arange(max(n_pos, self.n_positions)), like)
-            self.rope[key] = None if got is None else (got[0].float(), got[1].float())
-        got = self.rope[key]
-        return None if got is None else (got[0][:n_pos], got[1][:n_pos])
+    def slices(self) -> Iterator[tuple[_Group, slice]]:
+        start = 0
+        for g in self.groups:
+            n = len(g.active)
+            yield g, slice(start, start + n)
+            start += n
+
+
+class _StreamLayer(CacheLayerMixin):
+    """The cache layer handed to the HF model: it files each group's new keys/values with the
+    group (the attention function reads them there) and hands the step's own back."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, layer: int, batch: _Batch) -> None:
+        super().__init__()
+        self.layer, self.batch = layer, batch
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:  # pragma: no cover
+        pass
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        for g, sl in self.batch.slices():
+            g.layers[self.layer].append(key_states[sl], value_states[sl])
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return max((g.position for g in self.batch.groups), default=0)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention function
 
 
 def _pre_rope_bias(q: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -254,8 +309,8 @@ def _pre_rope_bias(q: Tensor, dk: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def shared_prefix_attention(
     module: Any,
     query: Float[Tensor, "batch head_index query_pos d_head"],
-    key: Float[Tensor, "batch kv_head answer_pos d_head"],
-    value: Float[Tensor, "batch kv_head answer_pos d_head"],
+    key: Float[Tensor, "batch kv_head query_pos d_head"],
+    value: Float[Tensor, "batch kv_head query_pos d_head"],
     attention_mask: Any,
     dropout: float = 0.0,
     scaling: float | None = None,
@@ -263,36 +318,44 @@ def shared_prefix_attention(
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[Float[Tensor, "batch query_pos head_index d_head"], None]:
-    """One decode step of attention over [shared prompt keys | the row's own keys]."""
+    """One decode step of attention for every group of the batch, each over [its shared prompt
+    keys | each row's own keys]."""
     batch: _Batch | None = module.__dict__.get("_fdlib_batch")
     if batch is None:
-        raise RuntimeError("the fdlib batched attention runs only inside fdlib.engine.decode_batch")
+        raise RuntimeError("the fdlib batched attention runs only inside fdlib.engine.decode_jobs")
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS)
     if unknown:
         raise NotImplementedError(
             f"{type(module).__name__} passes {unknown} to its attention function, which fdlib's batched engine "
             "does not implement; use the sequential path (engine='sequential')"
         )
-    layer = module.layer_idx
-    lc: SharedPrefixLayer = batch.cache.layers[layer]
-    plan = batch.plans[layer]
-    B, H, n_q, d = query.shape
-    if n_q != 1:
-        raise RuntimeError(f"the batched engine decodes one token per row and step, got {n_q}")
+    if query.shape[2] != 1:
+        raise RuntimeError(f"the batched engine decodes one token per row and step, got {query.shape[2]}")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    outs = [_group_attention(batch, g, module.layer_idx, query[sl, :, 0, :].float(), scale, sliding_window, softcap)
+            for g, sl in batch.slices()]
+    return torch.cat(outs, dim=0)[:, None, :, :].to(query.dtype), None  # [B, 1, H, d_v]
+
+
+def _group_attention(
+    batch: _Batch, group: _Group, layer: int, q: Float[Tensor, "rows head_index d_head"], scale: float,
+    sliding_window: int | None, softcap: float | None,
+) -> Float[Tensor, "rows head_index d_head"]:
+    lc, plan = group.layers[layer], group.plans[layer]
+    B, H, d = q.shape
     n_kv = lc.prefix_keys.shape[0]
     g = H // n_kv
-    P, t = lc.prefix_length, key.shape[-2]
+    P, t = group.P, lc.t
     n_keys = P + t
     pos = n_keys - 1  # absolute position of this step's rows
-    scale = float(scaling) if scaling is not None else d ** -0.5
-    q = query[:, :, 0, :].float()  # [B, H, d]
     rope = None
-    if plan.dq_pre is not None or plan.dk_pre is not None:
-        rope = batch.rope_at(layer, n_keys, q)
+    if batch.rotary is not None and (plan.dq_pre is not None or plan.dk_pre is not None):
+        rope = batch.rotary(layer, n_keys, q)
     if plan.dq_post is not None:
         q = q + plan.dq_post
     if plan.dq_pre is not None:
         q = q + (plan.dq_pre if rope is None else arch.rotate(plan.dq_pre, rope[0][pos], rope[1][pos]))
+
     def kv(x: Tensor) -> Tensor:  # [B, H, ...] -> [n_kv, B*g, ...]: every row and head of a KV group
         return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
 
@@ -304,7 +367,8 @@ def shared_prefix_attention(
     # the output, so no [batch, heads, keys] tensor is permuted.
     qk = kv(q)  # [n_kv, B*g, d]
     s_pre = torch.matmul(qk, lc.prefix_keys.float().transpose(1, 2))  # [n_kv, B*g, P]
-    s_own = torch.einsum("kbgd,kbtd->kbgt", qk.view(n_kv, B, g, d), key.float().transpose(0, 1)).reshape(n_kv, B * g, t)
+    own_k = lc.keys[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d]
+    s_own = torch.einsum("kbgd,kbtd->kbgt", qk.view(n_kv, B, g, d), own_k).reshape(n_kv, B * g, t)
     scores = torch.cat([s_pre, s_own], dim=-1) * scale  # [n_kv, B*g, n_keys]
     if plan.dk_post is not None:  # q . d_K: the same for every key, it matters only under a softcap
         scores = scores + kv((q * plan.dk_post).sum(-1, keepdim=True)) * scale
@@ -328,15 +392,15 @@ def shared_prefix_attention(
         target = target_share(pi, plan.map_code[None, :, None], plan.strength[None, :, None])
         chosen = plan.reweight_heads.view(B, n_kv, g).transpose(0, 1)[..., None]  # [n_kv, B, g, 1]
         pattern = torch.where(chosen, reweight_rows(p4, in_span, target, visible), p4).reshape(n_kv, B * g, n_keys)
-    if batch.indicator is not None:
-        batch.sums[layer].append(bh(pattern[..., : P + 1] @ batch.indicator).cpu())  # [B, H, n_spans]
+    if group.indicator is not None:
+        group.step_sums[layer] = bh(pattern[..., : P + 1] @ group.indicator).cpu()  # [B, H, n_spans]
     out = torch.matmul(pattern[..., :P], lc.prefix_values.float())  # [n_kv, B*g, d_v]
-    own = pattern[..., P:].reshape(n_kv, B, g, t)
-    out = out + torch.einsum("kbgt,kbtd->kbgd", own, value.float().transpose(0, 1)).reshape(n_kv, B * g, -1)
+    own_v = lc.values[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d_v]
+    out = out + torch.einsum("kbgt,kbtd->kbgd", pattern[..., P:].reshape(n_kv, B, g, t), own_v).reshape(n_kv, B * g, -1)
     out = bh(out)  # [B, H, d_v]
     if plan.ablate is not None:
         out = out.masked_fill(plan.ablate[..., None], 0.0)
-    return out[:, None, :, :].to(query.dtype), None  # [B, 1, H, d_v]
+    return out
 
 
 def _register() -> None:
@@ -393,7 +457,127 @@ def check_rows(model: TransformerBridge, rows: Sequence[RowIntervention], prefix
             row.directions.check(model)
 
 
+# ---------------------------------------------------------------------------------------------
+# The decode loop
+
+
 @torch.no_grad()
+def decode_jobs(
+    model: TransformerBridge,
+    jobs: Iterable[Job],
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 32,
+    max_jobs: int | None = None,
+) -> Iterator[tuple[Any, list[RowAnswer]]]:
+    """Greedy answers of every row of every job, `batch_size` rows per forward: as rows finish,
+    rows of the next jobs take their places (continuous batching), each group of rows attending to
+    its own shared prompt, with at most `max_jobs` jobs in flight (None: no limit; 1: one job
+    at a time, its rows in batches). Yields `(job.key, answers in the job's row order)` as each
+    job finishes (not necessarily in the jobs' order).
+
+    A row decodes under its `RowIntervention`, acting from the last prompt row on; with the job's
+    `spans`, it records every head's attention mass on each span over its answer's rows (the rows
+    of its answer tokens, as `decoding.decode` does). Prefixes are only read.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if max_jobs is not None and max_jobs < 1:
+        raise ValueError(f"max_jobs must be None or >= 1, got {max_jobs!r}")
+    twin = engine_model(model)
+    rotary = arch.RotaryTable(twin) if arch.rotary_module(twin) is not None else None
+    stop = _stop_tokens(model)
+    tok = model.tokenizer
+    pending = iter(jobs)
+    waiting: tuple[Job, Prefix, int] | None = None  # a job whose rows are not all admitted yet
+    unfinished: dict[int, list] = {}  # id(job) -> [job, answers by row, rows left]
+    active: list[_Group] = []
+    device = None
+    exhausted = False
+    while True:
+        # admit rows while there is room: the rest of a job first, then new jobs
+        room = batch_size - sum(len(g.active) for g in active)
+        while room > 0 and not exhausted:
+            if waiting is None:
+                if max_jobs is not None and len(unfinished) >= max_jobs:
+                    break
+                job = next(pending, None)
+                if job is None:
+                    exhausted = True
+                    break
+                if not job.rows:
+                    yield job.key, []
+                    continue
+                prefix = job.prefix() if callable(job.prefix) else job.prefix
+                _check_job(model, job, prefix, max_new_tokens)
+                unfinished[id(job)] = [job, [None] * len(job.rows), len(job.rows)]
+                waiting = (job, prefix, 0)
+            job, prefix, first = waiting
+            take = job.rows[first : first + room]
+            active.append(_Group(model, job, prefix, first, take, max_new_tokens))
+            device = prefix.tokens.device
+            room -= len(take)
+            waiting = (job, prefix, first + len(take)) if first + len(take) < len(job.rows) else None
+        if not active:
+            return
+        ids = torch.tensor([t for g in active for t in g.inputs()], device=device)[:, None]
+        positions = torch.tensor([g.position for g in active for _ in g.active], device=device)[:, None]
+        batch = _Batch(active, rotary)
+        cache = Cache(layers=[_StreamLayer(l, batch) for l in range(model.cfg.n_layers)])
+        with _attached(twin, batch):
+            logits = twin(ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_tokens = logits.argmax(-1).tolist()
+        done_groups = []
+        for g, sl in list(batch.slices()):
+            if g.step > 0 and g.names:  # rows of answer tokens are recorded; the last prompt row is not
+                g.sums[g.active] += torch.stack(g.step_sums, dim=1).double()
+            keep = []
+            if g.step < max_new_tokens:
+                for i, token in enumerate(next_tokens[sl]):
+                    b = int(g.active[i])
+                    if token in stop.eos or (token in stop.newline and tok.decode(g.answers[b]).strip()):
+                        continue
+                    g.answers[b].append(token)
+                    keep.append(i)
+            g.step += 1
+            if not keep:
+                done_groups.append(g)
+            elif len(keep) < len(g.active):
+                g.keep(torch.tensor(keep, device=device))
+        for g in done_groups:
+            active.remove(g)
+            entry = unfinished[id(g.job)]
+            for i, row_answer in enumerate(_answers(g, tok)):
+                entry[1][g.first + i] = row_answer
+            entry[2] -= len(g.rows)
+            if entry[2] == 0:
+                del unfinished[id(g.job)]
+                yield g.job.key, entry[1]
+
+
+def _check_job(model: TransformerBridge, job: Job, prefix: Prefix, max_new_tokens: int) -> None:
+    if int(prefix.cache.get_seq_length()) != prefix.length - 1:
+        raise ValueError(f"prefix cache holds {prefix.cache.get_seq_length()} positions, expected {prefix.length - 1}")
+    check_length(model, prefix.length + max_new_tokens)
+    check_rows(model, job.rows, prefix.length)
+    if job.spans:
+        check_spans(job.spans, prefix.length)
+
+
+def _answers(g: _Group, tok: Any) -> list[RowAnswer]:
+    out = []
+    for b in range(len(g.rows)):
+        n = len(g.answers[b])
+        scores = {}
+        if g.names and n:
+            mean = (g.sums[b] / n).float()
+            scores = {name: mean[..., k] for k, name in enumerate(g.names)}
+        out.append(RowAnswer(g.answers[b], tok.decode(g.answers[b], skip_special_tokens=True), scores))
+    return out
+
+
 def decode_batch(
     model: TransformerBridge,
     prefix: Prefix,
@@ -401,85 +585,12 @@ def decode_batch(
     *,
     spans: dict[str, Span] | None = None,
     max_new_tokens: int = 32,
+    batch_size: int | None = None,
 ) -> list[RowAnswer]:
-    """Greedy answers of every row from one shared prefix, one forward per step for all rows.
-
-    Row b decodes under `rows[b]`, acting from the last prompt row on; with `spans`, each row
-    records every head's attention mass on each span over its answer's rows (the rows of its
-    answer tokens, as `decoding.decode` does). The prefix is only read: it serves other batches
-    afterwards.
-    """
+    """Greedy answers of every row from one shared prefix (`decode_jobs` with one job; by
+    default all rows in one batch)."""
     if not rows:
         return []
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    P = prefix.length - 1
-    if int(prefix.cache.get_seq_length()) != P:
-        raise ValueError(f"prefix cache holds {prefix.cache.get_seq_length()} positions, expected {P}")
-    check_length(model, prefix.length + max_new_tokens)
-    check_rows(model, rows, prefix.length)
-    if spans:
-        check_spans(spans, prefix.length)
-    twin = engine_model(model)
-    cfg = model.cfg
-    device = prefix.tokens.device
-    names = list(spans or {})
-    indicator = None
-    if names:
-        indicator = torch.zeros(P + 1, len(names), dtype=torch.float32, device=device)
-        for k, name in enumerate(names):
-            indicator[spans[name].slice, k] = 1.0
-    layers = []
-    for l in range(cfg.n_layers):
-        src = prefix.cache.layers[l]
-        if src.keys.shape[-2] != P:
-            raise ValueError(f"layer {l} of the prefix cache holds {src.keys.shape[-2]} keys, expected {P}: "
-                             "a cache that drops keys (a sliding window) cannot be shared")
-        layers.append(SharedPrefixLayer(src.keys, src.values, max_new_tokens + 1))
-    cache = Cache(layers=layers)
-    B = len(rows)
-    plans = _plans(rows, cfg.n_layers, cfg.n_heads, cfg.d_head, P, device)
-    batch = _Batch(twin, cache, plans, indicator, [[] for _ in range(cfg.n_layers)], prefix.length + max_new_tokens)
-    stop = _stop_tokens(model)
-    tok = model.tokenizer
-    answers: list[list[int]] = [[] for _ in range(B)]
-    sums = torch.zeros(B, cfg.n_layers, cfg.n_heads, len(names), dtype=torch.float64)
-    active = torch.arange(B)
-    step_input = prefix.tokens[-1:].expand(B)[:, None].clone()
-    with _attached(twin, batch):
-        for step in range(max_new_tokens + 1):
-            for per_layer in batch.sums:
-                per_layer.clear()
-            logits = twin(step_input, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-            if step > 0 and names:  # rows of answer tokens are recorded; the last prompt row is not
-                got = torch.stack([torch.cat(x, 0) if len(x) > 1 else x[0] for x in batch.sums], dim=1)
-                sums[active] += got.double()
-            if step == max_new_tokens:
-                break
-            next_tokens = logits.argmax(-1).tolist()
-            keep = []
-            for i, token in enumerate(next_tokens):
-                b = int(active[i])
-                if token in stop.eos or (token in stop.newline and tok.decode(answers[b]).strip()):
-                    continue
-                answers[b].append(token)
-                keep.append(i)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                idx = torch.tensor(keep, device=device)
-                for layer in layers:
-                    layer.keep(idx)
-                for plan in plans:
-                    plan.keep(idx)
-                active = active[torch.tensor(keep)]
-            step_input = torch.tensor([answers[int(b)][-1] for b in active], device=device)[:, None]
-    out = []
-    for b in range(B):
-        n = len(answers[b])
-        scores = {}
-        if names and n:
-            mean = (sums[b] / n).float()
-            scores = {name: mean[..., k] for k, name in enumerate(names)}
-        out.append(RowAnswer(answers[b], tok.decode(answers[b], skip_special_tokens=True), scores))
-    return out
+    job = Job(None, prefix, list(rows), spans)
+    ((_, answers),) = list(decode_jobs(model, [job], batch_size=batch_size or len(rows), max_new_tokens=max_new_tokens))
+    return answers

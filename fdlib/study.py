@@ -17,7 +17,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from fdlib.conditions import Condition
 from fdlib.decoding import Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
-from fdlib.engine import RowIntervention, decode_batch
+from fdlib.engine import Job, RowIntervention, decode_jobs
 from fdlib.evaluate import best_subspan_em
 from fdlib.heads import Head, check_heads, labels
 from fdlib.interventions import ablate_heads, reweight_span
@@ -306,9 +306,10 @@ def run_study(
     store: str | Path | Store | None = None,
     directions: Mapping[str, FocusDirections] | None = None,
     shard: tuple[int, int] = (0, 1),
-    batch_size: int = 32,
+    batch_size: int = 64,
     max_new_tokens: int = 32,
     engine: Engine = "batched",
+    overlap: int = 0,
     replace: bool = False,
     progress: bool = True,
     desc: str = "study",
@@ -316,10 +317,14 @@ def run_study(
     """Decode every condition on every sample of this shard; return `study_frame` of them.
 
     `heads` maps ranking names (what conditions' `heads` refer to, e.g. "contextual") to ranked
-    head lists; `directions` maps names to `FocusDirections`. `engine="batched"` decodes a
-    sample's conditions `batch_size` rows at a time over the shared prompt cache;
-    `"sequential"` decodes one condition after another through the bridge's hooks (the
-    reference). Conditions with `rows="all"` always take the sequential path (their prompt rows
+    head lists; `directions` maps names to `FocusDirections`. `engine="batched"` decodes
+    `batch_size` rows per forward, each sample's rows over its shared prompt cache, rows of the next
+    samples taking the places of finished ones (`fdlib.engine.decode_jobs`); `"sequential"`
+    decodes one condition after another through the bridge's hooks (the reference). Each sample's
+    rows are written in one transaction as soon as they are all decoded. `overlap` is how many
+    further samples' rows may fill the batch while a sample is in flight: 0 (the default) decodes
+    one sample at a time, so a kill loses at most that sample; n > 0 keeps the batch fuller at the
+    end of each sample's answers (faster), and a kill loses at most n + 1 samples. Conditions with `rows="all"` always take the sequential path (their prompt rows
     change, so they share no prefix). A stored row made by another setup is refused, naming what
     differs, unless `replace=True` (then it is recomputed and overwritten).
     """
@@ -330,6 +335,8 @@ def run_study(
         raise ValueError(f"engine must be 'batched' or 'sequential', got {engine!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
+        raise ValueError(f"overlap must be an int >= 0, got {overlap!r}")
     samples = as_study_samples(samples)
     directions = dict(directions or {})
     rankings = _check(model, samples, conditions, dict(heads or {}), directions, max_new_tokens)
@@ -357,36 +364,80 @@ def run_study(
             if pending:
                 todo.append(pending)
         bar = tqdm(total=sum(len(t) for t in todo), desc=desc, unit="row", disable=not progress)
-        for pending in todo:
-            rows = []
-            for s in list({id(s): s for s, _ in pending}.values()):
-                mine_s = [p for t, p in pending if t is s]
-                rows += _decode_sample(model, s, mine_s, directions, engine, batch_size, max_new_tokens)
-                bar.update(len(mine_s))
-            db.put(rows)  # one transaction per sample: a kill loses at most this one
+        if engine == "sequential":
+            runs = _run_sequential(model, todo, directions, max_new_tokens)
+        else:
+            runs = _run_batched(model, todo, directions, batch_size, max_new_tokens, 1 + overlap)
+        for rows in runs:
+            db.put(rows)  # one transaction per sample: a kill loses at most the samples in flight
+            bar.update(len(rows))
         bar.close()
         return study_frame(db, conditions, samples=samples)
 
 
-def _decode_sample(model, s: StudySample, planned: list[_Planned], directions, engine, batch_size, max_new_tokens) -> list[Row]:
-    spans = s.spans()
-    shared = [p for p in planned if p.condition.rows == "response"]
-    decoded: dict[tuple, Any] = {}
-    prefix = prefill(model, s.input_ids) if shared else None
-    unique = list(dict.fromkeys(p.runs_as for p in shared))
-    first = {p.runs_as: p for p in reversed(shared)}
-    if engine == "batched":
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start : start + batch_size]
-            rows = [row_intervention(first[r].condition, first[r].heads, s, directions) for r in chunk]
-            for r, ans in zip(chunk, decode_batch(model, prefix, rows, spans=spans, max_new_tokens=max_new_tokens)):
-                decoded[r] = ans
+def _by_sample(pending: list[tuple[StudySample, _Planned]]) -> list[tuple[StudySample, list[_Planned]]]:
+    order = list({id(s): s for s, _ in pending}.values())
+    return [(s, [p for t, p in pending if t is s]) for s in order]
+
+
+def _decode_rest(model, s: StudySample, planned: list[_Planned], decoded: dict, prefix: Prefix | None, directions,
+                 max_new_tokens: int) -> None:
+    """Decode through the bridge's hooks whatever `decoded` lacks (the sequential path)."""
     for p in planned:
         if p.runs_as not in decoded:
             c = p.condition
             ref = Condition.baseline(c.input) if (c.identity and c.rows == "response") else c
             decoded[p.runs_as] = decode_sequential(model, s, prefix, ref, p.heads, directions=directions,
                                                    max_new_tokens=max_new_tokens)
+
+
+def _run_sequential(model, todo, directions, max_new_tokens) -> Iterator[list[Row]]:
+    """Per sample, one prefill, then one condition after another through the bridge's hooks."""
+    for pending in todo:
+        rows = []
+        for s, planned in _by_sample(pending):
+            shared = any(p.condition.rows == "response" for p in planned)
+            decoded: dict[tuple, Any] = {}
+            _decode_rest(model, s, planned, decoded, prefill(model, s.input_ids) if shared else None, directions,
+                         max_new_tokens)
+            rows += _rows(s, planned, decoded)
+        yield rows
+
+
+def _run_batched(model, todo, directions, batch_size, max_new_tokens, max_samples) -> Iterator[list[Row]]:
+    """Every answer-row condition of the shard as one stream of rows through `decode_jobs`
+    (each sample's rows share its prompt cache; rows of the next samples fill the places of
+    finished ones); conditions on every row (`rows="all"`) through the bridge. A sample's rows
+    are yielded as soon as all of them are decoded."""
+    info: dict[tuple[int, int], tuple] = {}
+    left: dict[int, int] = {}
+    done: dict[int, list[Row]] = {}
+
+    def jobs() -> Iterator[Job]:
+        for gi, pending in enumerate(todo):
+            per_sample = _by_sample(pending)
+            left[gi] = len(per_sample)
+            for si, (s, planned) in enumerate(per_sample):
+                shared = [p for p in planned if p.condition.rows == "response"]
+                unique = list(dict.fromkeys(p.runs_as for p in shared))
+                first = {p.runs_as: p for p in reversed(shared)}
+                rows = [row_intervention(first[r].condition, first[r].heads, s, directions) for r in unique]
+                info[(gi, si)] = (s, planned, unique)
+                yield Job((gi, si), (lambda s=s: prefill(model, s.input_ids)), rows, s.spans())
+
+    stream = decode_jobs(model, jobs(), batch_size=batch_size, max_new_tokens=max_new_tokens, max_jobs=max_samples)
+    for (gi, si), answers in stream:
+        s, planned, unique = info.pop((gi, si))
+        decoded = dict(zip(unique, answers))
+        _decode_rest(model, s, planned, decoded, None, directions, max_new_tokens)
+        done.setdefault(gi, []).extend(_rows(s, planned, decoded))
+        left[gi] -= 1
+        if left[gi] == 0:
+            yield done.pop(gi)
+
+
+def _rows(s: StudySample, planned: list[_Planned], decoded: dict) -> list[Row]:
+    spans = s.spans()
     out = []
     for p in planned:
         ans = decoded[p.runs_as]

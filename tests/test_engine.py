@@ -128,3 +128,29 @@ def test_engine_refuses_before_any_forward(tiny):
         RowIntervention(((0, 0),), span_map="split", strength=-1.0, span=fdlib.Span(1, 3))
     with pytest.raises(ValueError, match="> 0"):
         RowIntervention(((0, 0),), span_map="odds", strength=0.0, span=fdlib.Span(1, 3))
+
+
+def test_continuous_batching_across_prompts_equals_one_prompt_at_a_time(stopping):
+    """Rows of several prompts of different lengths share forwards (rows of the next prompt take
+    the places of finished rows; a prompt's rows split over several admissions): every row's
+    answer and scores are those of its prompt decoded alone."""
+    from dataclasses import replace as dc_replace
+
+    from fdlib.engine import Job, decode_jobs
+
+    t, sample = stopping
+    samples = [sample, dc_replace(sample, input_ids=sample.input_ids[:20]), dc_replace(sample, input_ids=torch.cat([sample.input_ids, sample.input_ids[:7]]))]
+    jobs, alone = [], {}
+    for i, s in enumerate(samples):
+        rows = _mixed_rows(t.model, s.gold_span)[i::2]
+        spans = {"gold": s.gold_span, "sink": fdlib.Span(0, 1)}
+        prefix = prefill(t.model, s.input_ids)
+        alone[i] = decode_batch(t.model, prefix, rows, spans=spans, max_new_tokens=12)
+        jobs.append(Job(i, (lambda ids=s.input_ids: prefill(t.model, ids)), rows, spans))
+    got = dict(decode_jobs(t.model, jobs, batch_size=5, max_new_tokens=12))
+    assert sorted(got) == [0, 1, 2]
+    for i, answers in got.items():
+        assert [a.tokens for a in answers] == [a.tokens for a in alone[i]]
+        for a, b in zip(answers, alone[i]):
+            for name in b.scores:
+                torch.testing.assert_close(a.scores[name], b.scores[name], atol=1e-5, rtol=0)

@@ -69,3 +69,32 @@ def test_batched_engine_equals_eager_reference(arch):
         for name, span in spans.items():
             want = ref.span_scores((span.start, span.end), from_pos=PROMPT).float()
             torch.testing.assert_close(answer.scores[name], want, atol=1e-5, rtol=0, msg=f"{arch} {name} {row}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_prompts_of_different_lengths_in_one_batch(arch):
+    """Continuous batching: two prompts (20 and 23 tokens) whose rows share forwards, each row at
+    its own absolute position (RoPE / learned positions / windows), against the reference."""
+    from fdlib.engine import Job, decode_jobs
+
+    t = cached_arch(arch)
+    model = t.model
+    saved = model.__dict__.get("_fdlib_stop_tokens")
+    model.__dict__["_fdlib_stop_tokens"] = StopTokens(frozenset(), frozenset())
+    prompts = [_prompt(1), torch.cat([_prompt(2), _prompt(3)[:3]])]
+    cases = [_cases(model)[i] for i in (0, 1, 5)]
+    try:
+        jobs = [Job(i, prefill(model, p), [row for row, _ in cases], {"near": NEAR}) for i, p in enumerate(prompts)]
+        got = dict(decode_jobs(model, jobs, batch_size=4, max_new_tokens=N_NEW))
+    finally:
+        if saved is None:
+            model.__dict__.pop("_fdlib_stop_tokens", None)
+        else:
+            model.__dict__["_fdlib_stop_tokens"] = saved
+    for i, p in enumerate(prompts):
+        for (row, edits), answer in zip(cases, got[i]):
+            edits = {k: type(v)(**{**vars(v), "from_pos": len(p) - 1}) for k, v in edits.items()}
+            assert answer.tokens == greedy(t.hf, p, N_NEW, **edits), f"{arch} prompt {i}: {row}"
+            ref = run(t.hf, torch.cat([p, torch.tensor(answer.tokens)]), **edits)
+            want = ref.span_scores((NEAR.start, NEAR.end), from_pos=len(p)).float()
+            torch.testing.assert_close(answer.scores["near"], want, atol=1e-5, rtol=0, msg=f"{arch} prompt {i} {row}")

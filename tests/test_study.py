@@ -70,8 +70,9 @@ def test_batched_equals_sequential_and_batch_sizes(tiny):
     a = run_study(tiny.model, samples, conds, **kw)
     b = run_study(tiny.model, samples, conds, engine="sequential", **kw)
     c = run_study(tiny.model, samples, conds, batch_size=3, **kw)
-    assert len(a) == len(b) == len(c) == 3 * (len(conds) - 1) + 3
-    for other in (b, c):
+    d = run_study(tiny.model, samples, conds, batch_size=7, overlap=3, **kw)  # rows of several samples per batch
+    assert len(a) == len(b) == len(c) == len(d) == 3 * (len(conds) - 1) + 3
+    for other in (b, c, d):
         assert list(a.answer) == list(other.answer) and list(a.condition) == list(other.condition)
         for x, y in zip(a.relevant_score, other.relevant_score):
             assert (x is None) == (y is None)

@@ -48,20 +48,20 @@ def test_interrupted_sweep_resumes_to_the_same_table(tiny, tmp_path, monkeypatch
     clean = table(tmp_path / "clean.sqlite")
     assert len(clean) == len(qs) * len(cfgs)
 
-    real, calls = study.decode_batch, {"n": 0}
+    real, calls = study.prefill, {"n": 0}
 
     def dying(*a, **kw):
         calls["n"] += 1
-        if calls["n"] == 2 * 3 + 2:  # Ctrl-C in the middle of the third question (3 variants each)
+        if calls["n"] == 2 * 3 + 2:  # Ctrl-C in the middle of the third question (one prefill per variant)
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(study, "decode_batch", dying)
+    monkeypatch.setattr(study, "prefill", dying)
     path = tmp_path / "resumed.sqlite"
     with pytest.raises(KeyboardInterrupt):
         run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
     assert len(Store(path)) == 2 * len(cfgs)  # two whole questions, nothing of the third
-    monkeypatch.setattr(study, "decode_batch", real)
+    monkeypatch.setattr(study, "prefill", real)
     run_sweep(tiny.model, qs, cfgs, ranked_heads=RANKED, store=path, progress=False)
     pd.testing.assert_frame_equal(table(path), clean)
 
