@@ -54,6 +54,12 @@ def sized(table: Mapping[str, Any], size: str | int) -> Any:
     return table[size]
 
 
+def parse_size(text: str) -> str | int:
+    """A size as written in `FDLIB_SIZE` or on a command line: a size name, or a count."""
+    text = str(text).strip()
+    return int(text) if text.isdigit() else text
+
+
 def n_samples(size: Size | int) -> int | None:
     """Number of NQ samples for a size name (None = all), or an explicit count."""
     return sized(SIZES, size)

@@ -43,31 +43,64 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "notebooks", *, prefix: str = "") -> str:
-    """Markdown: per notebook, a link and its figures (PNG linking the interactive HTML), then
-    the findings table. `prefix` is the path from the README to the repository root."""
-    figures, notebooks = Path(figures), Path(notebooks)
-    lines: list[str] = []
-    findings: list[tuple[str, dict]] = []
+def model_dirs(model: str, root: str | Path = "..") -> tuple[Path, Path]:
+    """Where a notebook writes its figures and stores for `model`: `figures/` and `runs/` for the
+    default model, `figures/<model>/` and `runs/<model>/` for any other (so a second model's run
+    neither overwrites the default gallery nor meets the default model's stores)."""
+    from fdlib.models import DEFAULT_MODEL
+
+    root = Path(root)
+    if model == DEFAULT_MODEL:
+        return root / "figures", root / "runs"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split("/")[-1])
+    return root / "figures" / slug, root / "runs" / slug
+
+
+def _findings_table(figures: Path, notebooks: Path, prefix: str, link: str) -> list[str]:
+    rows = []
     for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
-        tag = nb.stem[:2]
-        pngs = sorted(figures.glob(f"{tag}_*.png"))
         data = figures / "data" / f"{nb.stem}_findings.json"
         if data.exists():
-            findings += [(nb.stem, f) for f in json.loads(data.read_text(encoding="utf-8"))["findings"]]
-        lines += [f"**[`{nb.stem}`]({prefix}notebooks/{nb.name})**" + ("" if pngs else ": no figure"), ""]
-        for png in pngs:
-            html = png.with_suffix(".html")
-            target = f"{prefix}figures/{html.name}" if html.exists() else f"{prefix}figures/{png.name}"
-            lines.append(f"[![{png.stem}]({prefix}figures/{png.name})]({target})")
-        if pngs:
-            lines.append("")
-    if findings:
-        lines += ["| notebook | finding | value | 95% interval | n |", "| --- | --- | --- | --- | --- |"]
-        for stem, f in findings:
-            ci = f"[{_fmt(f['lo'])}, {_fmt(f['hi'])}]" if "lo" in f and "hi" in f else ""
-            lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} | {f.get('n', '')} |")
-        lines.append("")
+            rows += [(nb.stem, f) for f in json.loads(data.read_text(encoding="utf-8"))["findings"]]
+    if not rows:
+        return []
+    lines = ["| notebook | finding | value | 95% interval | n |", "| --- | --- | --- | --- | --- |"]
+    for stem, f in rows:
+        ci = f"[{_fmt(f['lo'])}, {_fmt(f['hi'])}]" if "lo" in f and "hi" in f else ""
+        lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} | {f.get('n', '')} |")
+    return lines + [""]
+
+
+def _figure_links(figures: Path, tag: str, prefix: str, rel: str) -> list[str]:
+    out = []
+    for png in sorted(figures.glob(f"{tag}_*.png")):
+        html = png.with_suffix(".html")
+        target = f"{prefix}{rel}/{html.name}" if html.exists() else f"{prefix}{rel}/{png.name}"
+        out.append(f"[![{png.stem}]({prefix}{rel}/{png.name})]({target})")
+    return out
+
+
+def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "notebooks", *, prefix: str = "") -> str:
+    """Markdown: per notebook, a link and its figures (PNG linking the interactive HTML), then
+    the findings table; then, per other model with results under `figures/<model>/`, its
+    findings and figures. `prefix` is the path from the README to the repository root."""
+    figures, notebooks = Path(figures), Path(notebooks)
+    lines: list[str] = []
+    for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
+        links = _figure_links(figures, nb.stem[:2], prefix, "figures")
+        lines += [f"**[`{nb.stem}`]({prefix}notebooks/{nb.name})**" + ("" if links else ": no figure"), ""]
+        if links:
+            lines += links + [""]
+    lines += _findings_table(figures, notebooks, prefix, "figures")
+    for other in sorted(d for d in figures.iterdir() if d.is_dir() and d.name != "data") if figures.is_dir() else []:
+        table = _findings_table(other, notebooks, prefix, f"figures/{other.name}")
+        if not table:
+            continue
+        lines += [f"**Findings on `{other.name}`** (`FDLIB_MODEL={other.name}`)", ""] + table
+        links = [link for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
+                 for link in _figure_links(other, nb.stem[:2], prefix, f"figures/{other.name}")]
+        if links:
+            lines += links + [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -42,8 +42,8 @@ def split_grid(
     seeds: Sequence[int] | None = None,
 ) -> list[Condition]:
     """Baselines + tau x k x (contextual, random per seed). `n_total_heads` adds k = all heads
-    (at `full`) and drops larger k."""
-    g = GRIDS[size]
+    (at `full`) and drops larger k. A count as `size` takes the `quick` grid."""
+    g = GRIDS[size] if isinstance(size, str) else GRIDS["quick"]
     taus = g["taus"] if taus is None else taus
     ks = list(g["ks"] if ks is None else ks)
     seeds = g["seeds"] if seeds is None else seeds
@@ -72,7 +72,7 @@ def focus_grid(
 ) -> list[Condition]:
     """(Baselines +) alpha x k x (contextual, random per seed) for one named directions set.
     `random_alphas` restricts the random-head controls to some alphas (default: all)."""
-    g = FOCUS_GRIDS[size]
+    g = FOCUS_GRIDS[size] if isinstance(size, str) else FOCUS_GRIDS["quick"]
     grid = _focus_grid(g["alphas"] if alphas is None else alphas, g["ks"] if ks is None else ks,
                        directions=directions, seeds=g["seeds"] if seeds is None else seeds,
                        random_alphas=random_alphas, rows=rows)
