@@ -257,6 +257,16 @@ class _Batch:
             yield g, slice(start, start + n)
             start += n
 
+    def buckets(self) -> list[list[tuple[_Group, slice]]]:
+        """The groups in runs sharing one job (one prompt): `decode_jobs` keeps them adjacent."""
+        out: list[list[tuple[_Group, slice]]] = []
+        for g, sl in self.slices():
+            if out and out[-1][0][0].job is g.job:
+                out[-1].append((g, sl))
+            else:
+                out.append([(g, sl)])
+        return out
+
 
 class _StreamLayer(CacheLayerMixin):
     """The cache layer handed to the HF model: it files each group's new keys/values with the
@@ -332,15 +342,86 @@ def shared_prefix_attention(
     if query.shape[2] != 1:
         raise RuntimeError(f"the batched engine decodes one token per row and step, got {query.shape[2]}")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    outs = [_group_attention(batch, g, module.layer_idx, query[sl, :, 0, :].float(), scale, sliding_window, softcap)
-            for g, sl in batch.slices()]
+    layer = module.layer_idx
+    q_all = query[:, :, 0, :].float()
+    outs = []
+    for bucket in batch.buckets():  # groups sharing one prompt, adjacent in the batch
+        qs = [_query(batch, g, layer, q_all[sl]) for g, sl in bucket]
+        outs.append(_bucket_attention(bucket, layer, qs, scale, sliding_window, softcap))
     return torch.cat(outs, dim=0)[:, None, :, :].to(query.dtype), None  # [B, 1, H, d_v]
 
 
-def _group_attention(
-    batch: _Batch, group: _Group, layer: int, q: Float[Tensor, "rows head_index d_head"], scale: float,
+def _query(batch: _Batch, group: _Group, layer: int, q: Float[Tensor, "rows head_index d_head"]) -> tuple[Tensor, Any]:
+    """The group's queries with d_Q added, and the layer's rotation (pre-RoPE directions only)."""
+    plan = group.plans[layer]
+    n_keys = group.P + group.layers[layer].t
+    rope = None
+    if batch.rotary is not None and (plan.dq_pre is not None or plan.dk_pre is not None):
+        rope = batch.rotary(layer, n_keys, q)
+    if plan.dq_post is not None:
+        q = q + plan.dq_post
+    if plan.dq_pre is not None:
+        pos = n_keys - 1
+        q = q + (plan.dq_pre if rope is None else arch.rotate(plan.dq_pre, rope[0][pos], rope[1][pos]))
+    return q, rope
+
+
+def _bucket_attention(
+    bucket: list[tuple[_Group, slice]], layer: int, qs: list[tuple[Tensor, Any]], scale: float,
     sliding_window: int | None, softcap: float | None,
 ) -> Float[Tensor, "rows head_index d_head"]:
+    """Attention of the rows of groups sharing one prompt: the prompt part as one product for all
+    of them, per KV head the queries of every row and every head of its group against the shared
+    keys (read once, never copied per row: Hydragen's batching); each group's own keys apart.
+    Rows stay in the [n_kv, rows * group, ...] layout until the output, so no [rows, heads, keys]
+    tensor is permuted."""
+    lc0 = bucket[0][0].layers[layer]
+    R = sum(q.shape[0] for q, _ in qs)
+    H, d = qs[0][0].shape[1], qs[0][0].shape[2]
+    n_kv = lc0.prefix_keys.shape[0]
+    g = H // n_kv
+    P = bucket[0][0].P
+
+    def kv(x: Tensor) -> Tensor:  # [B, H, ...] -> [n_kv, B*g, ...]: every row and head of a KV group
+        B = x.shape[0]
+        return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
+
+    def bh(x: Tensor) -> Tensor:  # [n_kv, B*g, ...] -> [B, H, ...]
+        B = x.shape[1] // g
+        return x.reshape(n_kv, B, g, *x.shape[2:]).transpose(0, 1).reshape(B, H, *x.shape[2:])
+
+    qk = kv(torch.cat([q for q, _ in qs], dim=0))  # [n_kv, R*g, d]
+    s_pre = torch.matmul(qk, lc0.prefix_keys.float().transpose(1, 2))  # [n_kv, R*g, P]
+    patterns = []
+    start = 0
+    for (group, _), (q, rope) in zip(bucket, qs):
+        B = q.shape[0]
+        rows = slice(start * g, (start + B) * g)
+        start += B
+        patterns.append(_group_pattern(group, layer, q, qk[:, rows], s_pre[:, rows], rope, scale, sliding_window, softcap))
+    pre = torch.cat([p[..., :P] for p in patterns], dim=1) if len(patterns) > 1 else patterns[0][..., :P]
+    out_pre = torch.matmul(pre, lc0.prefix_values.float())  # [n_kv, R*g, d_v]
+    outs = []
+    start = 0
+    for (group, _), pattern in zip(bucket, patterns):
+        lc, plan = group.layers[layer], group.plans[layer]
+        B, t = pattern.shape[1] // g, lc.t
+        own_v = lc.values[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d_v]
+        own = torch.einsum("kbgt,kbtd->kbgd", pattern[..., P:].reshape(n_kv, B, g, t), own_v).reshape(n_kv, B * g, -1)
+        out = bh(out_pre[:, start * g : (start + B) * g] + own)  # [B, H, d_v]
+        start += B
+        if plan.ablate is not None:
+            out = out.masked_fill(plan.ablate[..., None], 0.0)
+        outs.append(out)
+    return torch.cat(outs, dim=0)
+
+
+def _group_pattern(
+    group: _Group, layer: int, q: Float[Tensor, "rows head_index d_head"], qk: Tensor, s_pre: Tensor, rope: Any,
+    scale: float, sliding_window: int | None, softcap: float | None,
+) -> Float[Tensor, "n_kv rows_group n_keys"]:
+    """One group's attention rows over [prompt | own keys] after every intervention, in the
+    [n_kv, rows * group, keys] layout; records its span sums."""
     lc, plan = group.layers[layer], group.plans[layer]
     B, H, d = q.shape
     n_kv = lc.prefix_keys.shape[0]
@@ -348,27 +429,12 @@ def _group_attention(
     P, t = group.P, lc.t
     n_keys = P + t
     pos = n_keys - 1  # absolute position of this step's rows
-    rope = None
-    if batch.rotary is not None and (plan.dq_pre is not None or plan.dk_pre is not None):
-        rope = batch.rotary(layer, n_keys, q)
-    if plan.dq_post is not None:
-        q = q + plan.dq_post
-    if plan.dq_pre is not None:
-        q = q + (plan.dq_pre if rope is None else arch.rotate(plan.dq_pre, rope[0][pos], rope[1][pos]))
 
-    def kv(x: Tensor) -> Tensor:  # [B, H, ...] -> [n_kv, B*g, ...]: every row and head of a KV group
+    def kv(x: Tensor) -> Tensor:
         return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
 
-    def bh(x: Tensor) -> Tensor:  # [n_kv, B*g, ...] -> [B, H, ...]
-        return x.reshape(n_kv, B, g, *x.shape[2:]).transpose(0, 1).reshape(B, H, *x.shape[2:])
-
-    # The prompt part: per KV head, one product of the queries of every row and head of its group
-    # against the shared keys (read once, never copied per row). Rows stay in this layout until
-    # the output, so no [batch, heads, keys] tensor is permuted.
-    qk = kv(q)  # [n_kv, B*g, d]
-    s_pre = torch.matmul(qk, lc.prefix_keys.float().transpose(1, 2))  # [n_kv, B*g, P]
     own_k = lc.keys[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d]
-    s_own = torch.einsum("kbgd,kbtd->kbgt", qk.view(n_kv, B, g, d), own_k).reshape(n_kv, B * g, t)
+    s_own = torch.einsum("kbgd,kbtd->kbgt", qk.reshape(n_kv, B, g, d), own_k).reshape(n_kv, B * g, t)
     scores = torch.cat([s_pre, s_own], dim=-1) * scale  # [n_kv, B*g, n_keys]
     if plan.dk_post is not None:  # q . d_K: the same for every key, it matters only under a softcap
         scores = scores + kv((q * plan.dk_post).sum(-1, keepdim=True)) * scale
@@ -385,22 +451,19 @@ def _group_attention(
         scores = scores.masked_fill(~visible, float("-inf"))
     pattern = torch.softmax(scores, dim=-1)  # [n_kv, B*g, n_keys], float32
     if plan.reweight_heads is not None:
-        # spans lie in the prompt: [0, P] (P, the last prompt token, is each row's first own key)
-        in_span = torch.cat([plan.span_mask, plan.span_mask.new_zeros(B, t - 1)], dim=-1)[None, :, None, :]
+        # only the chosen (row, head) pairs are re-weighted, gathered out of the pattern and put back
+        kk, bb, gg = plan.reweight_heads.view(B, n_kv, g).transpose(0, 1).nonzero(as_tuple=True)
         p4 = pattern.view(n_kv, B, g, n_keys)
-        pi = (p4.double() * in_span).sum(-1)  # [n_kv, B, g]
-        target = target_share(pi, plan.map_code[None, :, None], plan.strength[None, :, None])
-        chosen = plan.reweight_heads.view(B, n_kv, g).transpose(0, 1)[..., None]  # [n_kv, B, g, 1]
-        pattern = torch.where(chosen, reweight_rows(p4, in_span, target, visible), p4).reshape(n_kv, B * g, n_keys)
+        sub = p4[kk, bb, gg]  # [pairs, n_keys]
+        # spans lie in the prompt: [0, P] (P, the last prompt token, is each row's first own key)
+        in_span = torch.cat([plan.span_mask, plan.span_mask.new_zeros(B, t - 1)], dim=-1)[bb]
+        pi = torch.where(in_span, sub.double(), 0.0).sum(-1)
+        target = target_share(pi, plan.map_code[bb], plan.strength[bb])
+        p4[kk, bb, gg] = reweight_rows(sub, in_span, target, visible)
     if group.indicator is not None:
-        group.step_sums[layer] = bh(pattern[..., : P + 1] @ group.indicator).cpu()  # [B, H, n_spans]
-    out = torch.matmul(pattern[..., :P], lc.prefix_values.float())  # [n_kv, B*g, d_v]
-    own_v = lc.values[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d_v]
-    out = out + torch.einsum("kbgt,kbtd->kbgd", pattern[..., P:].reshape(n_kv, B, g, t), own_v).reshape(n_kv, B * g, -1)
-    out = bh(out)  # [B, H, d_v]
-    if plan.ablate is not None:
-        out = out.masked_fill(plan.ablate[..., None], 0.0)
-    return out
+        sums = pattern[..., : P + 1] @ group.indicator  # [n_kv, B*g, n_spans]
+        group.step_sums[layer] = sums.reshape(n_kv, B, g, -1).transpose(0, 1).reshape(B, H, -1).cpu()
+    return pattern
 
 
 def _register() -> None:
@@ -515,8 +578,13 @@ def decode_jobs(
                 unfinished[id(job)] = [job, [None] * len(job.rows), len(job.rows)]
                 waiting = (job, prefix, 0)
             job, prefix, first = waiting
+            left = len(job.rows) - first
+            if active and room < min(left, max(1, batch_size // 4)):
+                break  # wait for room for a useful chunk: every group costs its own small products
             take = job.rows[first : first + room]
-            active.append(_Group(model, job, prefix, first, take, max_new_tokens))
+            group = _Group(model, job, prefix, first, take, max_new_tokens)
+            same = [i for i, g in enumerate(active) if g.job is job]
+            active.insert(same[-1] + 1 if same else len(active), group)  # next to its job's groups
             device = prefix.tokens.device
             room -= len(take)
             waiting = (job, prefix, first + len(take)) if first + len(take) < len(job.rows) else None

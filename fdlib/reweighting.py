@@ -85,18 +85,18 @@ def reweight_rows(
     `target` uniformly on the span positions it can see (`visible`, default all); with none
     visible it is left unchanged. Computed in double, returned in the pattern's dtype."""
     pat = pattern.double()
-    inside = in_span.to(pat.dtype).expand_as(pat)
-    pi = (pat * inside).sum(-1, keepdim=True)
+    inside = in_span.to(torch.bool).expand_as(pat)
+    pi = torch.where(inside, pat, 0.0).sum(-1, keepdim=True)
     t = target.double()[..., None]
     a = torch.where(pi > 0, t / pi.clamp_min(1e-300), torch.zeros_like(pi))
     b = torch.where(pi < 1, (1 - t) / (1 - pi).clamp_min(1e-300), torch.zeros_like(pi))
-    out = pat * (inside * a + (1 - inside) * b)
+    out = pat * torch.where(inside, a, b)
     empty = (pi <= 0) & (t > 0)
     if bool(empty.any()):
-        seen = inside if visible is None else inside * visible.to(pat.dtype).expand_as(pat)
+        seen = inside if visible is None else inside & visible.to(torch.bool).expand_as(pat)
+        seen = seen.to(pat.dtype)
         n_seen = seen.sum(-1, keepdim=True)
         uniform = t * seen / n_seen.clamp_min(1) + (1 - t) * pat
         out = torch.where(empty & (n_seen > 0), uniform, out)
         out = torch.where(empty & (n_seen == 0), pat, out)
     return out.to(pattern.dtype)
-
