@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fdlib.evaluate import normalize_answer
+from fdlib.evaluate import best_subspan_em, normalize_answer
 from fdlib.spans import Span
 
 Size = Literal["quick", "full"]
@@ -187,11 +187,21 @@ class QASample:
         return None if self.gold_index is None else self.doc_spans[self.gold_index]
 
     def named_spans(self) -> dict[str, Span]:
-        """Every span by name: `doc0`..`doc{k-1}`, `question`, `sink`."""
-        spans = {f"doc{i}": s for i, s in enumerate(self.doc_spans)}
-        spans["question"] = self.question_span
+        """Every span by name: `relevant` (the gold document, when there is one), `sink`,
+        `doc0`..`doc{k-1}`, `question`."""
+        spans = {} if self.gold_span is None else {"relevant": self.gold_span}
         spans["sink"] = self.sink_span
+        spans.update({f"doc{i}": s for i, s in enumerate(self.doc_spans)})
+        spans["question"] = self.question_span
         return spans
+
+    @property
+    def metric(self) -> str:
+        return "em"
+
+    def score(self, prediction: str) -> float:
+        """Best-subspan exact match of a prediction against the sample's answers (1.0 or 0.0)."""
+        return float(best_subspan_em(prediction, self.answers))
 
 
 def char_span_to_tokens(offsets: list[tuple[int, int]], start: int, end: int, what: str) -> Span:

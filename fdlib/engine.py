@@ -26,7 +26,6 @@ and `fdlib.directions`, is the sequential reference this engine is tested agains
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -40,7 +39,7 @@ from fdlib import arch
 from fdlib.decoding import Prefix, _stop_tokens, check_length
 from fdlib.directions import FocusDirections
 from fdlib.heads import Head, check_heads
-from fdlib.models import fast_prefill_model
+from fdlib.models import fast_prefill_model, shared_twin
 from fdlib.reweighting import SPAN_MAPS, check_strength, reweight_rows, target_share
 from fdlib.spans import Span, check_spans
 
@@ -376,8 +375,7 @@ def _bucket_attention(
     Rows stay in the [n_kv, rows * group, ...] layout until the output, so no [rows, heads, keys]
     tensor is permuted."""
     lc0 = bucket[0][0].layers[layer]
-    R = sum(q.shape[0] for q, _ in qs)
-    H, d = qs[0][0].shape[1], qs[0][0].shape[2]
+    H = qs[0][0].shape[1]
     n_kv = lc0.prefix_keys.shape[0]
     g = H // n_kv
     P = bucket[0][0].P
@@ -478,22 +476,11 @@ def engine_model(model: TransformerBridge) -> Any:
     holder = model.__dict__.get("_fdlib_engine")
     if holder is not None:
         return holder
-    from transformers import AutoModelForCausalLM
-
     _register()
     hf = fast_prefill_model(model)  # the plain HF module tree (the bridge's own is wrapped)
     if hf is None:
         raise ValueError("the batched engine needs a model loaded with fdlib.load_model (it shares that model's weights)")
-    config = copy.deepcopy(hf.config)
-    with torch.device("meta"):
-        twin = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION, dtype=hf.dtype)
-    twin.load_state_dict(hf.state_dict(), assign=True, strict=True)
-    own = dict(hf.named_buffers())
-    for name, _ in list(twin.named_buffers()):
-        module_name, _, attr = name.rpartition(".")
-        twin.get_submodule(module_name)._buffers[attr] = own[name]
-    twin.tie_weights()
-    twin.eval()
+    twin = shared_twin(hf, ATTENTION)
     model.__dict__["_fdlib_engine"] = twin
     return twin
 

@@ -21,9 +21,7 @@ greedy decode (`head_token_attention`). The compute is in plain functions (`expl
 
 from __future__ import annotations
 
-import contextlib
 import html
-import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace

@@ -225,8 +225,9 @@ def _resolve_pretrained(name: str) -> str:
     return name
 
 
-def _sdpa_twin(hf_model: Any) -> Any:
-    """A second module tree with sdpa attention whose parameters and buffers ARE hf_model's.
+def shared_twin(hf_model: Any, attn_implementation: str) -> Any:
+    """A second module tree of hf_model with another attention implementation, whose parameters
+    and buffers ARE hf_model's.
 
     Built on the meta device so no weights are allocated, then every parameter and buffer is
     pointed at hf_model's tensor: no copy, and an edit to one model's weights shows in both.
@@ -234,11 +235,8 @@ def _sdpa_twin(hf_model: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(hf_model.config)
-    # sdpa where the architecture has it; eager otherwise (Gemma 2: attention-logit softcapping,
-    # which sdpa cannot express, so transformers refuses it). Either computes the same numbers.
-    impl = "sdpa" if getattr(type(hf_model), "_supports_sdpa", False) else "eager"
     with torch.device("meta"):
-        twin = AutoModelForCausalLM.from_config(config, attn_implementation=impl, dtype=hf_model.dtype)
+        twin = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=hf_model.dtype)
     twin.load_state_dict(hf_model.state_dict(), assign=True, strict=True)
     own_buffers = dict(hf_model.named_buffers())
     for name, _ in list(twin.named_buffers()):
@@ -247,6 +245,14 @@ def _sdpa_twin(hf_model: Any) -> Any:
     twin.tie_weights()
     twin.eval()
     return twin
+
+
+def _sdpa_twin(hf_model: Any) -> Any:
+    """The fast-prefill twin: sdpa where the architecture has it; eager otherwise (Gemma 2:
+    attention-logit softcapping, which sdpa cannot express, so transformers refuses it). Either
+    computes the same numbers."""
+    impl = "sdpa" if getattr(type(hf_model), "_supports_sdpa", False) else "eager"
+    return shared_twin(hf_model, impl)
 
 
 @dataclass

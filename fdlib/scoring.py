@@ -16,7 +16,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.arch import check_supported
@@ -24,9 +23,8 @@ from fdlib.data import QASample
 from fdlib.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 from fdlib.evaluate import best_subspan_em, bootstrap_ci
 from fdlib.heads import head_label
-from fdlib.models import model_name
 from fdlib.spans import Span, check_spans
-from fdlib.store import Row, Store, open_store
+from fdlib.store import Store, open_store
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
 KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}

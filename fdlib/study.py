@@ -31,7 +31,6 @@ from fdlib.conditions import Condition
 from fdlib.decoding import Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.engine import Job, RowIntervention, decode_jobs
-from fdlib.evaluate import best_subspan_em
 from fdlib.heads import Head, check_heads, labels
 from fdlib.interventions import ablate_heads, reweight_span
 from fdlib.models import model_name
@@ -49,11 +48,11 @@ DECODING = "greedy; stop at eos, or at a newline once the answer has text"
 
 @dataclass(frozen=True, eq=False)
 class StudySample:
-    """One prompt of a study (an NQ `QASample` or a `TaskSample`) seen through one protocol, with
-    what is stored beside each of its rows (`meta`: task, length, gold position, ...).
-
-    `spans()` names spans canonically: `relevant` (the gold document / needle / pair), `sink`,
-    and `doc{i}` per document where the prompt has documents.
+    """One prompt of a study and what is stored beside each of its rows (`meta`: task, length,
+    gold position, ...). The prompt is any sample with the one protocol NQ `QASample`s and
+    `TaskSample`s share: `id`, `variant`, `input_ids`, `answers`, `named_spans()` with the
+    canonical names (`relevant`: the gold document / needle / pair, `sink`, and `doc{i}` per
+    document where the prompt has documents), `metric` and `score(prediction)`.
     """
 
     sample: Any
@@ -70,7 +69,7 @@ class StudySample:
 
     @property
     def variant(self) -> str:
-        return getattr(self.sample, "variant", "long")
+        return self.sample.variant
 
     @property
     def input_ids(self) -> Tensor:
@@ -98,24 +97,15 @@ class StudySample:
         return span
 
     def spans(self) -> dict[str, Span]:
-        spans = dict(self.sample.named_spans())
-        if "relevant" not in spans:
-            gold = getattr(self.sample, "gold_span", None)
-            if gold is not None:
-                spans["relevant"] = gold
-        return spans
+        return self.sample.named_spans()
 
     @property
     def metric(self) -> str:
-        return getattr(self.sample, "metric", None) or ("em" if not hasattr(self.sample, "task") else self.sample.task)
+        return self.sample.metric
 
     def score(self, prediction: str) -> float:
         """The sample's metric (best-subspan EM for NQ, the task's own for task samples)."""
-        if hasattr(self.sample, "task"):
-            from fdlib.tasks import score as task_score
-
-            return float(task_score(prediction, self.sample))
-        return float(best_subspan_em(prediction, self.sample.answers))
+        return float(self.sample.score(prediction))
 
 
 def as_study_samples(samples: Sequence[Any]) -> list[StudySample]:

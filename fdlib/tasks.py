@@ -176,8 +176,22 @@ class TaskSample:
         return int(self.input_ids.shape[0])
 
     def named_spans(self) -> dict[str, Span]:
-        """Every span by name: `relevant`, `sink`, then the extra spans."""
+        """Every span by name: `relevant`, `sink`, then the extra spans (`doc{i}` per document
+        where the prompt has documents)."""
         return {"relevant": self.relevant_span, "sink": self.sink_span, **self.extra_spans}
+
+    @property
+    def variant(self) -> str:
+        """Task prompts have one input variant (NQ samples also have `gold` and `negative`)."""
+        return "long"
+
+    @property
+    def metric(self) -> str:
+        return METRICS[self.task]
+
+    def score(self, prediction: str) -> float:
+        """The task's metric for one prediction (`fdlib.tasks.score`)."""
+        return score(prediction, self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -954,6 +968,8 @@ TASKS: dict[str, TaskFn] = {
     "icl_nq": icl_task,
 }
 NQ_TASKS = frozenset({"rag_nq", "rerank_nq", "icl_nq"})  # built from NQ: they take `builder=`
+METRICS: dict[str, str] = {"niah": "em", "niah_multikey": "em", "json_kv": "em", "rag_nq": "em",
+                           "rerank_nq": "ndcg@10", "icl_nq": "label"}
 SCORERS: dict[str, Callable[[str, TaskSample], float]] = {
     "niah": substring_score,
     "niah_multikey": substring_score,

@@ -11,7 +11,6 @@ before any forward.
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import eager_reference as ref
 import fdlib
 from arch_models import ARCH_FACTS, ARCHS, WINDOW, build_arch, cached_arch
 from fdlib import arch
-from fdlib.decoding import SpanRecorder, hooks, prefill
+from fdlib.decoding import prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.interventions import ablate_heads, split_softmax
 from fdlib.retrieval import ArgmaxRecorder

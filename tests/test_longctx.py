@@ -4,7 +4,6 @@ model, the engine's resume and identity rules, and refusal of over-long inputs b
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -20,7 +19,6 @@ from fdlib.conditions import Condition
 from fdlib.longctx import BASELINE
 from fdlib.study import StudySample
 from fdlib.models import model_name
-from fdlib.store import Row, Store
 from fdlib.tasks import TaskSample
 
 RELEVANT = fdlib.Span(10, 16)

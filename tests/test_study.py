@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -211,3 +210,20 @@ def test_runner_refuses_before_any_forward(tiny):
     with pytest.raises(ValueError, match="no span"):
         run_study(tiny.model, fake_samples(1, "negative"), [Condition.split(0.1, "contextual", 2, input="negative")],
                   heads={"contextual": RANKED}, progress=False)
+
+
+def test_nq_and_task_samples_share_one_protocol():
+    from fdlib.tasks import TaskSample
+
+    qa = fake_samples(1)[0]
+    assert qa.named_spans()["relevant"] == qa.gold_span and qa.named_spans()["sink"] == fdlib.Span(0, 1)
+    assert [n for n in qa.named_spans() if n.startswith("doc")] == ["doc0", "doc1", "doc2"]
+    assert qa.metric == "em" and qa.score("it is w7") == 1.0 and qa.score("w8") == 0.0
+    assert "relevant" not in fake_samples(1, "negative")[0].named_spans()
+    ids = torch.arange(5, 35)
+    task = TaskSample(id="niah/30/s0/0", task="niah", text="", input_ids=ids, relevant_span=fdlib.Span(10, 16),
+                      answers=("w7",), question="q", depth=0.5)
+    assert task.variant == "long" and task.metric == "em" and task.score("w7") == 1.0
+    for s in (qa, task):
+        st = fdlib.StudySample(s)
+        assert st.spans() == s.named_spans() and st.score("w7") == s.score("w7") and st.variant == s.variant
