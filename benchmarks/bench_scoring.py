@@ -75,6 +75,8 @@ def speed(args) -> None:
           f"({t_fd:.1f} s vs {t_gen:.1f} s; target <= 1.25)")
     print(f"ratio 2  fdlib answer+scores / authors' generate + output_attentions re-run = {t_fd / t_auth:.2f}  "
           f"({t_fd:.1f} s vs {t_auth:.1f} s; target <= 0.33)")
+    return {"samples": len(samples), "n_docs": args.n_docs, "max_score_difference": worst,
+            "ratio_vs_sdpa_generate": t_fd / t_gen, "ratio_vs_authors": t_fd / t_auth}
 
 
 def _peak_rss_during(fn) -> tuple[float, float]:
@@ -125,6 +127,7 @@ def memory(args) -> None:
     (n, a, ta), (_, b, tb) = out["fdlib"], out["sdpa"]
     print(f"ratio 3  peak extra memory, fdlib answer+scores / plain sdpa forward at {n} tokens = {a / b:.2f}  "
           f"({a:.0f} MB vs {b:.0f} MB above the loaded model; {ta:.0f} s vs {tb:.0f} s)")
+    return {"memory_tokens": n, "memory_ratio": a / b, "memory_mb_fdlib": a, "memory_mb_sdpa": b}
 
 
 def main() -> None:
@@ -134,13 +137,21 @@ def main() -> None:
     ap.add_argument("--long-docs", type=int, default=62, help="documents in the ~8k-token prompt")
     ap.add_argument("--memory-child", choices=["sdpa", "fdlib"])
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", help="write the ratios as JSON here")
     args = ap.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.long_docs)
         return
-    speed(args)
+    res = speed(args)
     if not args.skip_memory:
-        memory(args)
+        res.update(memory(args))
+    if args.out:
+        import json
+        from pathlib import Path
+
+        res["command"] = "python benchmarks/bench_scoring.py " + " ".join(sys.argv[1:])
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 
 
 if __name__ == "__main__":

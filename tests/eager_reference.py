@@ -16,8 +16,9 @@ Edits, each on chosen (layer, head) pairs:
   at every key j (rows before from_pos keep the plain scores), before any softcap; `post_rope` adds the
   vectors to the rotated query / key, `pre_rope` adds R_i d (the rotation of row i, the same
   angles the layer applies) - i.e. the vectors live after the q/k norm, before the rotation.
-- `Split`: split-softmax: the span's share pi of row i becomes pi**tau, the inside scaled by
-  pi**tau / pi, the outside by (1 - pi**tau) / (1 - pi), for rows >= from_pos; tau = 0 and pi = 0
+- `Split`: span reweighting: the span's share pi of row i becomes t = pi**tau (split-softmax;
+  `kind="odds"`: pi / (pi + a (1 - pi)); `kind="boost"`: m pi / (m pi + 1 - pi)), the inside scaled
+  by t / pi, the outside by (1 - t) / (1 - pi), for rows >= from_pos; split with tau = 0 and pi = 0
   puts the row's mass uniformly on the span positions it can see (unchanged if none).
 - `Ablate`: the head's output (W v, before the output projection) zeroed at rows >= from_pos.
 
@@ -50,8 +51,19 @@ class Focus:
 class Split:
     heads: Sequence[tuple[int, int]]
     span: tuple[int, int]  # [start, end)
-    tau: float
+    tau: float  # the map's parameter: tau (split), a (odds) or m (boost)
     from_pos: int = 0
+    kind: str = "split"  # split: pi -> pi**tau; odds: pi / (pi + a (1 - pi)); boost: m pi / (m pi + 1 - pi)
+
+    def target(self, pi: float) -> float:
+        v = self.tau
+        if self.kind == "split":
+            return pi**v
+        if self.kind == "odds":
+            return pi / (pi + v * (1 - pi))
+        if self.kind == "boost":
+            return v * pi / (v * pi + 1 - pi)
+        raise ValueError(self.kind)
 
 
 @dataclass
@@ -149,8 +161,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                     inside = torch.zeros(T, dtype=torch.bool)
                     inside[a:e] = True
                     new = row.clone()
-                    new[inside] *= pi**s.tau / pi
-                    new[~inside] *= (1 - pi**s.tau) / (1 - pi)
+                    new[inside] *= s.target(pi) / pi
+                    new[~inside] *= (1 - s.target(pi)) / (1 - pi)
                     w[0, h, i] = new
                 elif pi == 0 and s.tau == 0:
                     seen = visible[i].clone()

@@ -44,6 +44,8 @@ def _cases(model):
         (RowIntervention(heads, directions=post, alpha=0.7), dict(focus=Focus(post.d_q, post.d_k, heads, 0.7, "post_rope", last))),
         (RowIntervention(heads, directions=pre, alpha=0.5), dict(focus=Focus(pre.d_q, pre.d_k, heads, 0.5, "pre_rope", last))),
         (RowIntervention(heads, ablate=True), dict(ablate=Ablate(heads, last))),
+        (RowIntervention(heads, span_map="odds", strength=0.05, span=NEAR), dict(split=Split(heads, (NEAR.start, NEAR.end), 0.05, last, "odds"))),
+        (RowIntervention(heads, span_map="boost", strength=7.0, span=NEAR), dict(split=Split(heads, (NEAR.start, NEAR.end), 7.0, last, "boost"))),
     ]
 
 
