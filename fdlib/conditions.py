@@ -16,8 +16,10 @@ from typing import Literal, Sequence
 from fdlib.heads import Head, head_label, random_heads
 from fdlib.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
 
-Method = Literal["baseline", "split", "odds", "boost", "focus", "ablate"]
-METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "ablate")
+Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "ablate"]
+METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "ablate")
+# Automatic alpha: the candidates one probe step tries per input (`fdlib.study.choose_alpha`).
+AUTO_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 Rows = Literal["response", "all"]
 RANDOM = "random"  # the head choice drawing k heads with a seed
 LIST = "list"  # the head choice naming its heads
@@ -30,6 +32,8 @@ class Condition:
     - `method`: "baseline" (no intervention); "split" / "odds" / "boost" (span reweighting of the
       `span` named on the sample, parameter `value` = tau / a / m, see `fdlib.reweighting`);
       "focus" (focus directions: `directions` names a set handed to the runner, `value` = alpha);
+      "focus_auto" (focus directions with alpha chosen per input: `value` is the target share of
+      the heads' attention on the sink at the first answer row, see `fdlib.study.choose_alpha`);
       "ablate" (the heads' outputs zeroed).
     - where: `heads` names a ranking handed to the runner (e.g. "contextual", "retrieval"), whose
       first `k` are used; or `heads="random"` with `k` and `seed`; or `heads="list"` with
@@ -69,9 +73,13 @@ class Condition:
                 raise ValueError(f"span reweighting takes no directions: {self}")
             if self.rows != "response":
                 raise ValueError(f"span reweighting acts on the answer rows only (rows='response'): {self}")
-        elif self.method == "focus":
+        elif self.method in ("focus", "focus_auto"):
             if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-                raise ValueError(f"alpha must be a finite number, got {self.value!r}")
+                raise ValueError(f"{self.parameter} must be a finite number, got {self.value!r}")
+            if self.method == "focus_auto" and not 0 < self.value < 1:
+                raise ValueError(f"the target sink share must be in (0, 1), got {self.value!r}")
+            if self.method == "focus_auto" and self.rows != "response":
+                raise ValueError(f"automatic alpha probes the shared prefix: rows must be 'response': {self}")
             object.__setattr__(self, "value", float(self.value))
             if not self.directions or not isinstance(self.directions, str):
                 raise ValueError(f"focus directions need the name of a directions set: {self}")
@@ -120,6 +128,11 @@ class Condition:
         return cls("focus", alpha, directions=directions, rows=rows, input=input, **_where(heads, k, seed))
 
     @classmethod
+    def focus_auto(cls, target_sink: float, directions: str, heads: str | Sequence[Head] = "contextual",
+                   k: int | None = None, *, seed: int | None = None, input: str = "long") -> "Condition":
+        return cls("focus_auto", target_sink, directions=directions, input=input, **_where(heads, k, seed))
+
+    @classmethod
     def ablate(cls, heads: str | Sequence[Head] = "contextual", k: int | None = None, *, seed: int | None = None,
                rows: Rows = "response", input: str = "long") -> "Condition":
         return cls("ablate", rows=rows, input=input, **_where(heads, k, seed))
@@ -147,7 +160,7 @@ class Condition:
         """The name of `value`: tau, a, m or alpha."""
         if self.is_reweight:
             return PARAMETER[self.method]
-        return "alpha" if self.method == "focus" else None
+        return {"focus": "alpha", "focus_auto": "sink"}.get(self.method)
 
     def head_set(self, rankings: dict[str, Sequence[Head]], n_layers: int, n_heads: int) -> list[Head]:
         """The heads this condition acts on, resolved against named rankings and the model's size."""
@@ -177,7 +190,7 @@ class Condition:
         if self.is_baseline:
             return f"baseline|{self.input}"
         parts = [self.method]
-        if self.method == "focus":
+        if self.method in ("focus", "focus_auto"):
             parts.append(self.directions)
         if self.parameter:
             parts.append(f"{self.parameter}={self.value:g}")
@@ -200,7 +213,7 @@ class Condition:
             return "baseline" if self.input == "long" else f"baseline ({self.input})"
         param = f" {self.parameter}={self.value:g}" if self.parameter else ""
         heads = self._where_text(" ")
-        if self.method == "focus" and self.heads == "contextual":
+        if self.method in ("focus", "focus_auto") and self.heads == "contextual":
             heads = f"k={self.k}"
         extra = "".join(f", {t}" for t in (
             "all rows" if self.rows == "all" else "",

@@ -577,13 +577,8 @@ def decode_jobs(
             waiting = (job, prefix, first + len(take)) if first + len(take) < len(job.rows) else None
         if not active:
             return
-        ids = torch.tensor([t for g in active for t in g.inputs()], device=device)[:, None]
-        positions = torch.tensor([g.position for g in active for _ in g.active], device=device)[:, None]
         batch = _Batch(active, rotary)
-        cache = Cache(layers=[_StreamLayer(l, batch) for l in range(model.cfg.n_layers)])
-        with _attached(twin, batch):
-            logits = twin(ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_tokens = logits.argmax(-1).tolist()
+        next_tokens = _step(model, twin, batch, device).argmax(-1).tolist()
         done_groups = []
         for g, sl in list(batch.slices()):
             if g.step > 0 and g.names:  # rows of answer tokens are recorded; the last prompt row is not
@@ -610,6 +605,34 @@ def decode_jobs(
             if entry[2] == 0:
                 del unfinished[id(g.job)]
                 yield g.job.key, entry[1]
+
+
+def _step(model: TransformerBridge, twin: Any, batch: _Batch, device: Any) -> Float[Tensor, "batch d_vocab"]:
+    """One forward of every active row (its next token at its own absolute position); the logits
+    of each row's last position."""
+    ids = torch.tensor([t for g in batch.groups for t in g.inputs()], device=device)[:, None]
+    positions = torch.tensor([g.position for g in batch.groups for _ in g.active], device=device)[:, None]
+    cache = Cache(layers=[_StreamLayer(l, batch) for l in range(model.cfg.n_layers)])
+    with _attached(twin, batch):
+        return twin(ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+@torch.no_grad()
+def first_row_scores(
+    model: TransformerBridge, prefix: Prefix, rows: Sequence[RowIntervention], spans: dict[str, Span]
+) -> Float[Tensor, "row n_layers n_heads n_spans"]:
+    """Each row's attention mass on each span at the last prompt row (the row that produces the
+    first answer token) under its intervention: one forward for all rows, from the shared prefix
+    (what a per-input magnitude control costs: one extra step)."""
+    job = Job(None, prefix, list(rows), spans)
+    _check_job(model, job, prefix, 1)
+    if not spans:
+        raise ValueError("first_row_scores needs spans to record")
+    twin = engine_model(model)
+    rotary = arch.RotaryTable(twin) if arch.rotary_module(twin) is not None else None
+    group = _Group(model, job, prefix, 0, list(rows), 1)
+    _step(model, twin, _Batch([group], rotary), prefix.tokens.device)
+    return torch.stack(group.step_sums, dim=1).float()  # [rows, n_layers, n_heads, n_spans]
 
 
 def _check_job(model: TransformerBridge, job: Job, prefix: Prefix, max_new_tokens: int) -> None:

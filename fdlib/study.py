@@ -27,10 +27,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import Condition
+from fdlib.conditions import AUTO_ALPHAS, Condition
 from fdlib.decoding import Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
-from fdlib.engine import Job, RowIntervention, decode_jobs
+from fdlib.engine import Job, RowIntervention, decode_jobs, first_row_scores
 from fdlib.heads import Head, check_heads, labels
 from fdlib.interventions import ablate_heads, reweight_span
 from fdlib.models import model_name
@@ -177,14 +177,38 @@ class _Planned:
 
 
 def row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
-                      directions: Mapping[str, FocusDirections]) -> RowIntervention:
+                      directions: Mapping[str, FocusDirections], alpha: float | None = None) -> RowIntervention:
+    """The condition as one row of the batched engine (`alpha`: the one chosen for `focus_auto`)."""
     if c.is_baseline or c.identity:
         return RowIntervention()
     if c.is_reweight:
         return RowIntervention(tuple(heads), span_map=c.method, strength=c.value, span=sample.spans()[c.span])
-    if c.method == "focus":
-        return RowIntervention(tuple(heads), directions=directions[c.directions], alpha=c.value)
+    if c.method in ("focus", "focus_auto"):
+        if c.method == "focus_auto" and alpha is None:
+            raise ValueError(f"{c.key}: choose its alpha first (choose_alpha)")
+        return RowIntervention(tuple(heads), directions=directions[c.directions], alpha=c.value if alpha is None else alpha)
     return RowIntervention(tuple(heads), ablate=True)
+
+
+def choose_alpha(
+    model: TransformerBridge, prefix: Prefix, sample: StudySample, heads: Sequence[Head], directions: FocusDirections,
+    target_sink: float, alphas: Sequence[float] = AUTO_ALPHAS,
+) -> float:
+    """Automatic alpha: the candidate whose focus directions bring the heads' mean attention on
+    the sink, at the row that produces the first answer token, closest to `target_sink` (e.g. the
+    heads' mean sink score on gold-only training inputs: as much attention moved from the sink to
+    the context as a model that sees only the gold document gives it). One extra forward over the
+    shared prefix, every candidate a row; ties go to the smaller alpha."""
+    rows = [RowIntervention(tuple(heads), directions=directions, alpha=a) for a in alphas]
+    sums = first_row_scores(model, prefix, rows, {"sink": sample.spans()["sink"]})  # [candidates, L, H, 1]
+    idx = torch.as_tensor(list(heads), dtype=torch.long)
+    sink = sums[:, idx[:, 0], idx[:, 1], 0].mean(-1)  # [candidates]
+    return float(alphas[int(torch.argmin((sink - target_sink).abs()))])
+
+
+def _auto_alphas(model, prefix: Prefix, s: StudySample, planned: Sequence[_Planned], directions) -> dict[tuple, float]:
+    return {p.runs_as: choose_alpha(model, prefix, s, p.heads, directions[p.condition.directions], p.condition.value)
+            for p in planned if p.condition.method == "focus_auto"}
 
 
 def intervention(
@@ -204,6 +228,8 @@ def intervention(
                              from_pos=from_pos)
     if condition.method == "focus":
         return focus_directions(model, (directions or {})[condition.directions], heads, condition.value, from_pos=from_pos)
+    if condition.method == "focus_auto":
+        raise ValueError(f"{condition.key}: choose its alpha first (choose_alpha), then decode Condition.focus")
     return ablate_heads(model, heads, from_pos=from_pos)
 
 
@@ -244,7 +270,7 @@ def _check(model, samples, conditions, rankings, directions, max_new_tokens) -> 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     for c in conditions:
         check_heads(model, c.head_set(checked, L, H))
-        if c.method == "focus":
+        if c.method in ("focus", "focus_auto"):
             if c.directions not in directions:
                 raise ValueError(f"condition {c.key!r} needs directions {c.directions!r}; given: {sorted(directions)}")
             directions[c.directions].check(model)
@@ -272,7 +298,7 @@ def _plan(model, sample, conditions, rankings, directions, max_new_tokens) -> li
             continue
         heads = c.head_set(rankings, L, H)
         setup = {**base, "condition": c.key, "heads": sorted(labels(heads))}
-        if c.method == "focus":
+        if c.method in ("focus", "focus_auto"):
             setup["directions_sha"] = directions_sha(directions[c.directions])
         if c.is_reweight:
             span = sample.spans()[c.span]
@@ -371,12 +397,14 @@ def _by_sample(pending: list[tuple[StudySample, _Planned]]) -> list[tuple[StudyS
 
 
 def _decode_rest(model, s: StudySample, planned: list[_Planned], decoded: dict, prefix: Prefix | None, directions,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, alphas: Mapping[tuple, float]) -> None:
     """Decode through the bridge's hooks whatever `decoded` lacks (the sequential path)."""
     for p in planned:
         if p.runs_as not in decoded:
             c = p.condition
             ref = Condition.baseline(c.input) if (c.identity and c.rows == "response") else c
+            if c.method == "focus_auto":
+                ref = Condition.focus(alphas[p.runs_as], c.directions, list(p.heads), input=c.input)
             decoded[p.runs_as] = decode_sequential(model, s, prefix, ref, p.heads, directions=directions,
                                                    max_new_tokens=max_new_tokens)
 
@@ -387,10 +415,11 @@ def _run_sequential(model, todo, directions, max_new_tokens) -> Iterator[list[Ro
         rows = []
         for s, planned in _by_sample(pending):
             shared = any(p.condition.rows == "response" for p in planned)
+            prefix = prefill(model, s.input_ids) if shared else None
+            alphas = _auto_alphas(model, prefix, s, planned, directions)
             decoded: dict[tuple, Any] = {}
-            _decode_rest(model, s, planned, decoded, prefill(model, s.input_ids) if shared else None, directions,
-                         max_new_tokens)
-            rows += _rows(s, planned, decoded)
+            _decode_rest(model, s, planned, decoded, prefix, directions, max_new_tokens, alphas)
+            rows += _rows(s, planned, decoded, alphas)
         yield rows
 
 
@@ -411,22 +440,27 @@ def _run_batched(model, todo, directions, batch_size, max_new_tokens, max_sample
                 shared = [p for p in planned if p.condition.rows == "response"]
                 unique = list(dict.fromkeys(p.runs_as for p in shared))
                 first = {p.runs_as: p for p in reversed(shared)}
-                rows = [row_intervention(first[r].condition, first[r].heads, s, directions) for r in unique]
-                info[(gi, si)] = (s, planned, unique)
-                yield Job((gi, si), (lambda s=s: prefill(model, s.input_ids)), rows, s.spans())
+                prefix: Any = lambda s=s: prefill(model, s.input_ids)  # noqa: E731  (prefilled when admitted)
+                alphas: dict[tuple, float] = {}
+                if any(p.condition.method == "focus_auto" for p in shared):
+                    prefix = prefill(model, s.input_ids)  # the probe needs it before the rows are built
+                    alphas = _auto_alphas(model, prefix, s, shared, directions)
+                rows = [row_intervention(first[r].condition, first[r].heads, s, directions, alphas.get(r)) for r in unique]
+                info[(gi, si)] = (s, planned, unique, alphas)
+                yield Job((gi, si), prefix, rows, s.spans())
 
     stream = decode_jobs(model, jobs(), batch_size=batch_size, max_new_tokens=max_new_tokens, max_jobs=max_samples)
     for (gi, si), answers in stream:
-        s, planned, unique = info.pop((gi, si))
+        s, planned, unique, alphas = info.pop((gi, si))
         decoded = dict(zip(unique, answers))
-        _decode_rest(model, s, planned, decoded, None, directions, max_new_tokens)
-        done.setdefault(gi, []).extend(_rows(s, planned, decoded))
+        _decode_rest(model, s, planned, decoded, None, directions, max_new_tokens, alphas)
+        done.setdefault(gi, []).extend(_rows(s, planned, decoded, alphas))
         left[gi] -= 1
         if left[gi] == 0:
             yield done.pop(gi)
 
 
-def _rows(s: StudySample, planned: list[_Planned], decoded: dict) -> list[Row]:
+def _rows(s: StudySample, planned: list[_Planned], decoded: dict, alphas: Mapping[tuple, float]) -> list[Row]:
     spans = s.spans()
     out = []
     for p in planned:
@@ -438,6 +472,7 @@ def _rows(s: StudySample, planned: list[_Planned], decoded: dict) -> list[Row]:
             "directions": c.directions, "input": c.input, "rows": c.rows, "span": c.span, "identity": c.identity,
             "head_list": labels(p.heads), "answer": ans.text, "n_answer_tokens": len(ans.tokens),
             "metric": s.metric, "score": s.score(ans.text), "setup": p.setup,
+            "chosen_alpha": alphas.get(p.runs_as),
         }
         arrays = {k: v.numpy().astype(np.float32) for k, v in span_kinds(ans.scores, spans).items()} if ans.scores else {}
         out.append(Row(s.id, c.key, p.setup_sha, record, arrays))

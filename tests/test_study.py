@@ -227,3 +227,43 @@ def test_nq_and_task_samples_share_one_protocol():
     for s in (qa, task):
         st = fdlib.StudySample(s)
         assert st.spans() == s.named_spans() and st.score("w7") == s.score("w7") and st.variant == s.variant
+
+
+def test_automatic_alpha_probe_choice_and_runs(tiny):
+    """focus_auto: one probe step over the shared prefix measures the heads' sink share at the
+    first answer row for every candidate alpha (checked against the bridge's recorder), the
+    closest to the target wins, and the row decodes as focus directions at that alpha."""
+    from fdlib.conditions import AUTO_ALPHAS
+    from fdlib.decoding import SpanRecorder, hooks, prefill
+    from fdlib.engine import RowIntervention, first_row_scores
+    from fdlib.study import StudySample, choose_alpha
+
+    s = fake_samples(1)[0]
+    dirs = _dirs(tiny.model, 3)
+    heads = RANKED[:3]
+    prefix = prefill(tiny.model, s.input_ids)
+    rows = [RowIntervention(tuple(heads), directions=dirs, alpha=a) for a in AUTO_ALPHAS]
+    sink = {"sink": fdlib.Span(0, 1)}
+    got = first_row_scores(tiny.model, prefix, rows, sink)
+    P = s.n_tokens - 1
+    for i, a in enumerate(AUTO_ALPHAS):  # the reference: the bridge's last prompt row under the hooks
+        rec = SpanRecorder(sink, from_pos=P, n_layers=tiny.model.cfg.n_layers)
+        with fdlib.focus_directions(tiny.model, dirs, heads, a, from_pos=P), hooks(tiny.model, rec.fwd_hooks()):
+            tiny.model(prefix.tokens[None, -1:], past_key_values=prefix.cache, return_type=None)
+        prefix.cache.crop(-1)
+        torch.testing.assert_close(got[i, ..., 0], rec.mean()["sink"], atol=1e-5, rtol=0)
+    idx = torch.tensor(heads)
+    shares = got[:, idx[:, 0], idx[:, 1], 0].mean(-1)
+    assert shares.max() - shares.min() > 1e-3  # the candidates differ, so the choice means something
+    target = float(shares[4] + shares[5]) / 2 + 1e-4  # nearer candidate 5 than 4
+    want = AUTO_ALPHAS[int(torch.argmin((shares - target).abs()))]
+    assert choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, target) == want
+    conds = [Condition.focus_auto(target, "d", "contextual", 3), Condition.focus(want, "d", "contextual", 3)]
+    kw = dict(heads={"contextual": RANKED}, directions={"d": dirs}, progress=False, max_new_tokens=6)
+    a = run_study(tiny.model, [s], conds, **kw)
+    b = run_study(tiny.model, [s], conds, engine="sequential", **kw)
+    assert list(a.answer) == list(b.answer) and a.answer[0] == a.answer[1]
+    assert a.chosen_alpha[0] == want and b.chosen_alpha[0] == want
+    np.testing.assert_allclose(a.relevant_score[0], a.relevant_score[1], atol=1e-6)
+    with pytest.raises(ValueError, match="target sink share"):
+        Condition.focus_auto(1.5, "d", "contextual", 3)
