@@ -38,7 +38,8 @@ from fdlib.models import model_name
 from fdlib.store import atomic_write
 
 Placement = Literal["post_rope", "pre_rope"]
-TrainingSet = Literal["gold", "long"]
+TrainingSet = Literal["gold", "long", "shuffled"]
+TRAINING_SETS: tuple[str, ...] = ("gold", "long", "shuffled")
 FORMAT = "fdlib.focus_directions/1"
 
 
@@ -61,8 +62,8 @@ class FocusDirections:
             )
         if self.placement not in ("post_rope", "pre_rope"):
             raise ValueError(f"placement must be 'post_rope' or 'pre_rope', got {self.placement!r}")
-        if self.training_set not in ("gold", "long"):
-            raise ValueError(f"training_set must be 'gold' or 'long', got {self.training_set!r}")
+        if self.training_set not in TRAINING_SETS:
+            raise ValueError(f"training_set must be one of {TRAINING_SETS}, got {self.training_set!r}")
 
     @property
     def shape(self) -> tuple[int, int, int]:

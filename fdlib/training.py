@@ -26,7 +26,7 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib import arch
 from fdlib.decoding import hooks
-from fdlib.directions import FocusDirections, Placement, TrainingSet
+from fdlib.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
 from fdlib.heads import Head, check_heads
 from fdlib.models import model_name
 from fdlib.store import atomic_write
@@ -192,8 +192,8 @@ class ActivationCache:
     """
 
     def __init__(self, root: str | Path, model: TransformerBridge, training_set: TrainingSet, dtype: torch.dtype = torch.float16) -> None:
-        if training_set not in ("gold", "long"):
-            raise ValueError(f"training_set must be 'gold' or 'long', got {training_set!r}")
+        if training_set not in TRAINING_SETS:
+            raise ValueError(f"training_set must be one of {TRAINING_SETS}, got {training_set!r}")
         self.model = model
         self.training_set = training_set
         self.dtype = dtype
@@ -275,6 +275,14 @@ class CachedActivations(abc.Sequence):
         return self.cache.read(self.examples[i], self.heads, self.placement)
 
 
+def shuffled_position(question_id: str, n_docs: int) -> int:
+    """The gold document's position (1-based) in a `shuffled` training prompt: uniform over
+    1..n_docs, drawn from the question's id (the same on every machine, whatever else is drawn)."""
+    import random
+
+    return random.Random(f"fdlib.training.shuffled:{question_id}").randint(1, n_docs)
+
+
 def build_activation_cache(
     model: TransformerBridge,
     cache: ActivationCache,
@@ -286,9 +294,12 @@ def build_activation_cache(
     progress: bool = True,
 ) -> list[CachedExample]:
     """Cache the training examples of `split`: R_g is the model's greedy answer given the gold
-    document alone; the prompt is the gold-only one (`gold`, the paper's text) or the k-document
-    one (`long`, the authors' release), and the relevant span is the gold document in it.
-    Examples already on disk are skipped; examples with an empty R_g are recorded and left out.
+    document alone; the prompt is the gold-only one (`gold`, the paper's text), the k-document
+    one with the gold document in the middle (`long`, the authors' release), or the k-document
+    one with the gold document at a position drawn per question (`shuffled`: directions that
+    must find the relevant document wherever it is; `shuffled_position`), and the relevant span
+    is the gold document in it. Examples already on disk are skipped; examples with an empty R_g
+    are recorded and left out.
     """
     from tqdm.auto import tqdm
 
@@ -307,7 +318,8 @@ def build_activation_cache(
                 prompt = gold
             else:
                 example = next(e for e in builder.examples if e.id == qid)
-                prompt = builder.sample(example, n_docs=n_docs)
+                position = shuffled_position(qid, n_docs) if cache.training_set == "shuffled" else None
+                prompt = builder.sample(example, n_docs=n_docs, gold_position=position)
             if not answer.tokens:
                 cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None)
             else:
@@ -514,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m fdlib.training", description="train focus directions on NQ")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--training-set", choices=["gold", "long"], default="gold")
+    ap.add_argument("--training-set", choices=list(TRAINING_SETS), default="gold")
     ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
     ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
     ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")

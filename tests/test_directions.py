@@ -280,3 +280,24 @@ def test_focus_table_shape_and_direction(tiny):
     assert set(t.index.get_level_values("directions")) == {"without", "alpha=1"}
     assert {"R", "IR", "IR-max", "Sink", "EM", "n"} <= set(t.columns)
     assert len(t) == 2 * 2 * len(HEADS)
+
+
+def test_shuffled_training_set_puts_the_gold_document_anywhere(tmp_path):
+    """`shuffled` training prompts: the k-document prompt with the gold document at a position
+    drawn per question (reproducibly), so directions cannot learn one position."""
+    from conftest import build_tiny
+
+    from fdlib.data import NQBuilder
+    from fdlib.training import ActivationCache, build_activation_cache, shuffled_position
+
+    positions = [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]
+    assert set(positions) == set(range(1, 21)) and positions == [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]
+    tiny = build_tiny(max_position_embeddings=4096)
+    cache = ActivationCache(tmp_path, tiny.model, "shuffled", dtype=torch.float32)
+    examples = build_activation_cache(tiny.model, cache, size=4, n_docs=5, max_new_tokens=4, progress=False)
+    builder = NQBuilder(tiny.tokenizer)
+    assert examples
+    for ex in examples:
+        example = next(e for e in builder.examples if e.id == ex.id)
+        want = builder.sample(example, n_docs=5, gold_position=shuffled_position(ex.id, 5))
+        assert ex.span == want.gold_span and ex.response_start == want.n_tokens
