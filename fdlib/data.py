@@ -196,6 +196,12 @@ class QASample:
         return spans
 
     @property
+    def group(self) -> str:
+        """The question this prompt is a variant of (every variant and gold position of one
+        question share it): what a study writes in one transaction and shards by."""
+        return self.id.split("/")[0]
+
+    @property
     def metric(self) -> str:
         return "em"
 

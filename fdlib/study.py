@@ -50,7 +50,7 @@ DECODING = "greedy; stop at eos, or at a newline once the answer has text"
 class StudySample:
     """One prompt of a study and what is stored beside each of its rows (`meta`: task, length,
     gold position, ...). The prompt is any sample with the one protocol NQ `QASample`s and
-    `TaskSample`s share: `id`, `variant`, `input_ids`, `answers`, `named_spans()` with the
+    `TaskSample`s share: `id`, `group`, `variant`, `input_ids`, `answers`, `named_spans()` with the
     canonical names (`relevant`: the gold document / needle / pair, `sink`, and `doc{i}` per
     document where the prompt has documents), `metric` and `score(prediction)`.
     """
@@ -65,7 +65,7 @@ class StudySample:
     @property
     def group(self) -> str:
         """The question (or task sample) this prompt is a variant of: a transaction and a shard unit."""
-        return self.sample.id.split("/")[0]
+        return self.sample.group
 
     @property
     def variant(self) -> str:

@@ -186,6 +186,11 @@ class TaskSample:
         return "long"
 
     @property
+    def group(self) -> str:
+        """Each task sample is its own group (a study's transaction and shard unit)."""
+        return self.id
+
+    @property
     def metric(self) -> str:
         return METRICS[self.task]
 

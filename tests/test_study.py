@@ -267,3 +267,22 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     np.testing.assert_allclose(a.relevant_score[0], a.relevant_score[1], atol=1e-6)
     with pytest.raises(ValueError, match="target sink share"):
         Condition.focus_auto(1.5, "d", "contextual", 3)
+
+
+def test_task_samples_are_their_own_groups(tiny, tmp_path):
+    """Each task sample is a transaction and shard unit of its own (two samples of one task are
+    not one group), while an NQ question's variants share one."""
+    from fdlib.tasks import TaskSample
+
+    def task(i):
+        ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(i))
+        return TaskSample(id=f"niah/30/s0/{i}", task="niah", text="", input_ids=ids, relevant_span=fdlib.Span(10, 16),
+                          answers=("w7",), question="q", depth=0.5)
+
+    samples = [task(0), task(1), task(2)]
+    assert len({fdlib.StudySample(s).group for s in samples}) == 3
+    assert {s.group for s in fake_samples(1) + fake_samples(1, "gold")} == {"s0"}
+    conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2)]
+    kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=3)
+    first = run_study(tiny.model, samples, conds, store=tmp_path / "a.sqlite", shard=(0, 3), **kw)
+    assert set(first.sample_id) == {"niah/30/s0/0"}
