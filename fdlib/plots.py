@@ -511,3 +511,34 @@ def em_by_condition(
     ))
     fig.update_layout(title=title, xaxis_title="condition", yaxis_title="exact match", width=820, height=440)
     return fig
+
+
+_FAMILY_COLORS = {"label-using": "#2ca02c", "label-free": "#1f77b4", "random-head control": "#bdbdbd"}
+
+
+def em_gain(table: pd.DataFrame, *, title: str = "EM gain over no intervention") -> go.Figure:
+    """One bar per method's chosen setting (coloured by family: label-using, label-free) and one
+    per its random-head control (grey), the EM gain over the baseline with its paired bootstrap
+    CI; from `fdlib.compare.comparison_table`. Hover: the setting, EM, n, questions gained and
+    lost, McNemar's p."""
+    needed = {"method", "family", "setting", "em", "gain", "gain_lo", "gain_hi", "n", "gained", "lost", "p_value"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.compare.comparison_table")
+    t = table[table.family != "baseline"]
+    fig = go.Figure()
+    for family, color in _FAMILY_COLORS.items():
+        d = t[t.family == family]
+        if d.empty:
+            continue
+        fig.add_trace(go.Bar(
+            x=d.method, y=d.gain, name=family, marker_color=color,
+            error_y=dict(type="data", symmetric=False, array=d.gain_hi - d.gain, arrayminus=d.gain - d.gain_lo),
+            customdata=np.stack([d.setting.astype(str), d.em, d.n, d.gained, d.lost, d.p_value], axis=-1),
+            hovertemplate="%{x}: %{customdata[0]}<br>gain %{y:+.3f}, EM %{customdata[1]:.3f} (n = %{customdata[2]})"
+                          "<br>gained %{customdata[3]}, lost %{customdata[4]}, McNemar p = %{customdata[5]:.3g}<extra></extra>",
+        ))
+    order = list(dict.fromkeys(list(t[t.family == "label-using"].method) + list(t[t.family == "label-free"].method)))
+    fig.update_layout(title=title, barmode="group", xaxis=dict(categoryorder="array", categoryarray=order),
+                      xaxis_title="method (chosen on train questions)", yaxis_title="EM gain over the baseline",
+                      width=900, height=460)
+    return fig

@@ -1,0 +1,188 @@
+"""Interventions compared (notebook 07): which intervention focuses a model best.
+
+Methods, each a family of `Condition`s on the top-k contextual heads:
+- label-using (they are told which span is relevant): span reweighting with the three maps of
+  `fdlib.reweighting` — split-softmax (the paper), odds scaling (PASTA-style), boost
+  (InstABoost-style);
+- label-free: focus directions at a fixed alpha, focus directions with automatic alpha
+  (`Condition.focus_auto`: per input, the alpha that brings the heads' sink share at the first
+  answer row to the gold-only inputs' level), and directions trained without the position prior
+  (`training_set="shuffled"`: the gold document anywhere among the 20).
+
+Each method's setting is chosen on train-split questions (`choose`), never on the test questions
+it is scored on; on the test questions each chosen setting runs beside its random-head control
+(the same method and k on k random heads) and the baseline (`comparison_table`, `mcnemar_table`).
+`bias_shares` measures the position prior of a directions set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from transformer_lens.model_bridge import TransformerBridge
+
+from fdlib.conditions import RANDOM, Condition
+from fdlib.directions import FocusDirections, key_bias
+from fdlib.evaluate import bootstrap_ci
+from fdlib.heads import Head
+
+POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
+QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "full": {"train": 50, "test": 200}}
+GRIDS: dict[str, dict[str, tuple]] = {
+    "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,)),
+    "full": dict(ks=(5, 10, 20), split=(0.05, 0.1, 0.3, 0.6), odds=(0.001, 0.01, 0.1), boost=(3.0, 7.0, 11.0, 19.0),
+                 alpha=(0.1, 0.2, 0.5, 1.0)),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One intervention: its name, whether it needs the relevant span's label, and the settings
+    among which the train split chooses."""
+
+    name: str
+    family: str  # "label-using" or "label-free"
+    candidates: tuple[Condition, ...]
+
+
+def methods(size: str = "quick", *, target_sink: float, directions: str = "gold", shuffled: str | None = "shuffled") -> list[Method]:
+    """The compared methods on the "contextual" ranking, with the size's grid of settings.
+    `target_sink` drives the automatic alpha; `directions` / `shuffled` name the directions sets
+    (trained on gold-anchored and on shuffled prompts; `shuffled=None` leaves that method out)."""
+    g = GRIDS[size] if size in GRIDS else GRIDS["quick"]
+    ks = g["ks"]
+    out = [
+        Method("split-softmax", "label-using", tuple(Condition.split(v, "contextual", k) for v in g["split"] for k in ks)),
+        Method("odds (PASTA-style)", "label-using",
+               tuple(Condition.reweight("odds", v, "contextual", k) for v in g["odds"] for k in ks)),
+        Method("boost (InstABoost-style)", "label-using",
+               tuple(Condition.reweight("boost", v, "contextual", k) for v in g["boost"] for k in ks)),
+        Method("focus directions", "label-free",
+               tuple(Condition.focus(a, directions, "contextual", k) for a in g["alpha"] for k in ks)),
+        Method("automatic alpha", "label-free", tuple(Condition.focus_auto(target_sink, directions, "contextual", k) for k in ks)),
+    ]
+    if shuffled is not None:
+        out.append(Method("position-free directions", "label-free",
+                          tuple(Condition.focus(a, shuffled, "contextual", k) for a in g["alpha"] for k in ks)))
+    return out
+
+
+def target_sink(gold_sink: Any, heads: Sequence[Head]) -> float:
+    """The automatic alpha's target: the heads' mean sink score on gold-only inputs
+    (`ContextualStudy.gold` scores' `sink` kind, stacked `[sample, n_layers, n_heads]`)."""
+    s = torch.as_tensor(np.asarray(gold_sink, dtype=float))
+    idx = torch.as_tensor(list(heads), dtype=torch.long)
+    value = float(torch.nanmean(s[:, idx[:, 0], idx[:, 1]]))
+    return min(max(value, 1e-3), 1 - 1e-3)
+
+
+def candidates(ms: Sequence[Method]) -> list[Condition]:
+    return [Condition.baseline()] + [c for m in ms for c in m.candidates]
+
+
+def choose(frame: pd.DataFrame, ms: Sequence[Method]) -> dict[str, Condition]:
+    """Per method, the candidate with the highest mean score on the (train) frame; ties go to the
+    earlier candidate."""
+    means = frame.groupby("condition")["score"].mean()
+    out = {}
+    for m in ms:
+        scored = [(float(means.get(c.key, np.nan)), -i, c) for i, c in enumerate(m.candidates)]
+        scored = [t for t in scored if not np.isnan(t[0])]
+        if not scored:
+            raise ValueError(f"no rows of method {m.name!r} in the frame")
+        out[m.name] = max(scored, key=lambda t: (t[0], t[1]))[2]
+    return out
+
+
+def control(c: Condition, seed: int = 0) -> Condition:
+    """The random-head control of a condition: the same method, parameter and k on k random heads."""
+    from dataclasses import replace
+
+    return replace(c, heads=RANDOM, seed=seed)
+
+
+def scored_conditions(best: Mapping[str, Condition], seeds: Sequence[int] = (0,)) -> list[Condition]:
+    """The baseline, each chosen setting, and its random-head controls."""
+    out = [Condition.baseline()]
+    for c in best.values():
+        out += [c] + [control(c, s) for s in seeds]
+    return list(dict.fromkeys(out))
+
+
+def _paired(frame: pd.DataFrame, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    x = frame[frame.condition == a].set_index("sample_id")["score"]
+    y = frame[frame.condition == b].set_index("sample_id")["score"]
+    both = x.to_frame("a").join(y.to_frame("b"), how="inner")
+    return both["a"].to_numpy(dtype=float), both["b"].to_numpy(dtype=float)
+
+
+def mcnemar(frame: pd.DataFrame, a: str, b: str) -> dict[str, float]:
+    """Exact McNemar test (binomial on the discordant samples) of two conditions' EM, paired by
+    sample (question and gold position)."""
+    from scipy.stats import binomtest
+
+    x, y = _paired(frame, a, b)
+    if x.size == 0:
+        raise ValueError(f"no sample has both {a!r} and {b!r}")
+    only_a, only_b = int(((x > 0) & (y == 0)).sum()), int(((x == 0) & (y > 0)).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"n": int(x.size), "only_a": only_a, "only_b": only_b, "p_value": float(p)}
+
+
+def comparison_table(
+    frame: pd.DataFrame, best: Mapping[str, Condition], ms: Sequence[Method], heads: Sequence[Head], *,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Per method (chosen setting) and its random-head control: EM with a bootstrap CI, the gain
+    over the baseline with a paired bootstrap CI, McNemar against the baseline, and the top-k
+    contextual heads' mean relevant, sink and IR-max scores under it."""
+    base = Condition.baseline().key
+    family = {m.name: m.family for m in ms}
+    idx = np.asarray(list(heads), dtype=int)
+    rows = []
+
+    def head_mean(cond: str, kind: str) -> float:
+        arrays = [a for a in frame[frame.condition == cond][f"{kind}_score"] if a is not None]
+        if not arrays:
+            return float("nan")
+        return float(np.nanmean([np.asarray(a)[idx[:, 0], idx[:, 1]].mean() for a in arrays]))
+
+    entries = [("baseline", "baseline", Condition.baseline())]
+    for name, c in best.items():
+        entries += [(name, family[name], c), (name, "random-head control", control(c))]
+    for name, fam, c in entries:
+        g = frame[frame.condition == c.key]
+        if g.empty:
+            continue
+        em, lo, hi = bootstrap_ci(g["score"].to_numpy(dtype=float), level=level)
+        x, y = _paired(frame, c.key, base)
+        gain, glo, ghi = bootstrap_ci(x - y, level=level) if x.size else (np.nan,) * 3
+        test = mcnemar(frame, c.key, base) if c.key != base else {"p_value": np.nan, "only_a": 0, "only_b": 0}
+        rows.append({"method": name, "family": fam, "setting": c.label, "condition": c.key, "em": em, "lo": lo, "hi": hi,
+                     "n": len(g), "gain": gain, "gain_lo": glo, "gain_hi": ghi, "gained": test["only_a"],
+                     "lost": test["only_b"], "p_value": test["p_value"], "relevant": head_mean(c.key, "relevant"),
+                     "sink": head_mean(c.key, "sink"), "irmax": head_mean(c.key, "irmax")})
+    return pd.DataFrame(rows)
+
+
+def bias_shares(
+    model: TransformerBridge, samples: Sequence[Any], directions: FocusDirections, heads: Sequence[Head], alpha: float,
+    *, first: int = 200,
+) -> pd.DataFrame:
+    """The position prior of a directions set: per sample and head, the key bias it adds to the
+    last prompt row's logits (`key_bias`) read as an attention distribution of its own
+    (softmax over the prompt: the constant part cancels), and its mass on the gold document and
+    on the first `first` tokens, beside the shares those spans have of the prompt's tokens."""
+    rows = []
+    for s in samples:
+        gold = s.gold_span
+        for head in heads:
+            w = torch.softmax(key_bias(model, s, directions, head, alpha).double(), dim=-1)
+            rows.append({"sample_id": s.id, "head": f"L{head[0]}H{head[1]}", "gold": float(w[gold.slice].sum()),
+                         "first": float(w[:first].sum()), "gold_tokens": len(gold) / s.n_tokens,
+                         "first_tokens": min(first, s.n_tokens) / s.n_tokens})
+    return pd.DataFrame(rows)

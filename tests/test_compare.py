@@ -1,0 +1,89 @@
+"""Interventions compared (fdlib.compare): selection on train, tables against hand computations,
+the figure from arrays, one end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import fdlib
+from fdlib import compare, plots
+from fdlib.conditions import Condition
+from fdlib.directions import FocusDirections
+from fdlib.models import model_name
+from conftest import fake_samples
+
+RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
+
+
+def _frame(scores: dict[str, list[float]], heads=((0, 0),)) -> pd.DataFrame:
+    rows = []
+    for cond, values in scores.items():
+        for i, v in enumerate(values):
+            a = np.full((2, 4), 0.1 * (i + 1))
+            rows.append({"sample_id": f"q{i}", "condition": cond, "score": v, "relevant_score": a, "sink_score": a * 2,
+                         "irmax_score": a * 3})
+    return pd.DataFrame(rows)
+
+
+def test_methods_choose_and_controls():
+    ms = compare.methods("full", target_sink=0.3)
+    assert [m.family for m in ms] == ["label-using"] * 3 + ["label-free"] * 3
+    assert len(ms[0].candidates) == 4 * 3 and all(c.method == "split" for c in ms[0].candidates)
+    assert {c.method for c in ms[4].candidates} == {"focus_auto"} and ms[5].candidates[0].directions == "shuffled"
+    split = ms[0]
+    a, b, c = split.candidates[:3]
+    frame = _frame({a.key: [0, 1, 1], b.key: [1, 1, 0], c.key: [0, 0, 1]})
+    best = compare.choose(frame, [split])
+    assert best == {"split-softmax": a}  # a tie with b goes to the earlier candidate
+    ctrl = compare.control(a)
+    assert ctrl.heads == "random" and ctrl.seed == 0 and ctrl.k == a.k and ctrl.value == a.value
+    conds = compare.scored_conditions(best)
+    assert conds == [Condition.baseline(), a, ctrl]
+    with pytest.raises(ValueError, match="no rows"):
+        compare.choose(frame, [ms[1]])
+
+
+def test_comparison_table_against_hand_computation():
+    c = Condition.split(0.1, "contextual", 2)
+    base, ctrl = Condition.baseline().key, compare.control(c).key
+    frame = _frame({base: [0, 0, 1, 0, 1], c.key: [1, 1, 1, 0, 0], ctrl: [0, 0, 1, 0, 1]})
+    ms = [compare.Method("split-softmax", "label-using", (c,))]
+    t = compare.comparison_table(frame, {"split-softmax": c}, ms, [(0, 0), (1, 1)]).set_index("family")
+    row = t.loc["label-using"]
+    assert row.em == pytest.approx(0.6) and row.n == 5 and row.gained == 2 and row.lost == 1
+    assert row.gain == pytest.approx(0.2)
+    assert row.p_value == pytest.approx(1.0)  # 2 vs 1 discordant: binomial two-sided
+    assert row.relevant == pytest.approx(np.mean([0.1, 0.2, 0.3, 0.4, 0.5])) and row.sink == pytest.approx(2 * row.relevant)
+    assert t.loc["random-head control"].gain == pytest.approx(0.0)
+    fig = plots.em_gain(t.reset_index())
+    assert {tr.name for tr in fig.data} == {"label-using", "random-head control"}
+    bar = next(tr for tr in fig.data if tr.name == "label-using")
+    assert list(bar.y) == pytest.approx([0.2]) and "McNemar" in bar.hovertemplate
+    assert bar.customdata[0][0] == c.label
+    with pytest.raises(ValueError, match="lacks columns"):
+        plots.em_gain(t.reset_index().drop(columns="gain"))
+
+
+def test_target_sink_is_the_heads_gold_only_mean():
+    s = np.zeros((3, 2, 4))
+    s[:, 0, 1], s[:, 1, 2] = [0.2, 0.4, np.nan], 0.5
+    assert compare.target_sink(s, [(0, 1), (1, 2)]) == pytest.approx((0.2 + 0.4 + 3 * 0.5) / 5)  # NaN left out
+
+
+def test_end_to_end_on_the_tiny_model(tiny):
+    g = torch.Generator().manual_seed(0)
+    shape = (tiny.model.cfg.n_layers, tiny.model.cfg.n_heads, tiny.model.cfg.d_head)
+    dirs = {name: FocusDirections(torch.randn(shape, generator=g), torch.randn(shape, generator=g), model_name(tiny.model))
+            for name in ("gold", "shuffled")}
+    ms = compare.methods("quick", target_sink=0.2)
+    kw = dict(heads={"contextual": RANKED}, directions=dirs, progress=False, max_new_tokens=4)
+    train = fdlib.run_study(tiny.model, fake_samples(2), compare.candidates(ms), **kw)
+    best = compare.choose(train, ms)
+    assert set(best) == {m.name for m in ms}
+    test = fdlib.run_study(tiny.model, fake_samples(3)[2:], compare.scored_conditions(best), **kw)
+    t = compare.comparison_table(test, best, ms, RANKED[:5])
+    assert len(t) == 1 + 2 * len(ms) and set(t.family) == {"baseline", "label-using", "label-free", "random-head control"}
+    assert (t[t.family != "baseline"].n == 1).all()
