@@ -3,7 +3,8 @@
     python benchmarks/bench_scoring.py [--samples 3] [--n-docs 20] [--long-docs 62]
 
 Prints three ratios (lower is better for fdlib):
-  1. fdlib's greedy answer + every head's span scores  vs  plain transformers sdpa `generate`
+  1. fdlib's greedy answer + every head's span scores (the batched engine, as every study runs
+     it, one row)  vs  plain transformers sdpa `generate`
      of the same answer                                             (target <= 1.25)
   2. the same  vs  the authors' method: generate, then re-run prompt + response with eager
      attention and `output_attentions=True`                         (target <= 0.33)
@@ -23,6 +24,7 @@ import torch
 
 import fdlib
 from fdlib.decoding import prefill
+from fdlib.engine import RowIntervention, decode_batch
 from fdlib.models import converted_checkpoint
 
 
@@ -51,7 +53,9 @@ def speed(args) -> None:
     worst = 0.0
     for s in samples:
         spans = s.named_spans()
-        ans, dt = timed(lambda: fdlib.decode(model, prefill(model, s.input_ids), max_new_tokens=32, spans=spans))
+        # the path every study takes (run_study -> the batched engine), here with one row
+        ans, dt = timed(lambda: decode_batch(model, prefill(model, s.input_ids), [RowIntervention()], spans=spans,
+                                             max_new_tokens=32)[0])
         t_fd += dt
         # generate the answer plus the token that stopped it, as fdlib's decode does
         mask = torch.ones(1, s.n_tokens, dtype=torch.long)
