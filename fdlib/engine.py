@@ -365,6 +365,20 @@ def _query(batch: _Batch, group: _Group, layer: int, q: Float[Tensor, "rows head
     return q, rope
 
 
+def _kv(x: Tensor, n_kv: int) -> Tensor:
+    """[rows, heads, ...] -> [n_kv, rows * group, ...]: every row and head of a KV group together."""
+    B, g = x.shape[0], x.shape[1] // n_kv
+    return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
+
+
+def _bh(x: Tensor, n_heads: int) -> Tensor:
+    """The inverse of `_kv`: [n_kv, rows * group, ...] -> [rows, heads, ...]."""
+    n_kv = x.shape[0]
+    g = n_heads // n_kv
+    B = x.shape[1] // g
+    return x.reshape(n_kv, B, g, *x.shape[2:]).transpose(0, 1).reshape(B, n_heads, *x.shape[2:])
+
+
 def _bucket_attention(
     bucket: list[tuple[_Group, slice]], layer: int, qs: list[tuple[Tensor, Any]], scale: float,
     sliding_window: int | None, softcap: float | None,
@@ -380,15 +394,7 @@ def _bucket_attention(
     g = H // n_kv
     P = bucket[0][0].P
 
-    def kv(x: Tensor) -> Tensor:  # [B, H, ...] -> [n_kv, B*g, ...]: every row and head of a KV group
-        B = x.shape[0]
-        return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
-
-    def bh(x: Tensor) -> Tensor:  # [n_kv, B*g, ...] -> [B, H, ...]
-        B = x.shape[1] // g
-        return x.reshape(n_kv, B, g, *x.shape[2:]).transpose(0, 1).reshape(B, H, *x.shape[2:])
-
-    qk = kv(torch.cat([q for q, _ in qs], dim=0))  # [n_kv, R*g, d]
+    qk = _kv(torch.cat([q for q, _ in qs], dim=0), n_kv)  # [n_kv, R*g, d]
     s_pre = torch.matmul(qk, lc0.prefix_keys.float().transpose(1, 2))  # [n_kv, R*g, P]
     patterns = []
     start = 0
@@ -406,7 +412,7 @@ def _bucket_attention(
         B, t = pattern.shape[1] // g, lc.t
         own_v = lc.values[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d_v]
         own = torch.einsum("kbgt,kbtd->kbgd", pattern[..., P:].reshape(n_kv, B, g, t), own_v).reshape(n_kv, B * g, -1)
-        out = bh(out_pre[:, start * g : (start + B) * g] + own)  # [B, H, d_v]
+        out = _bh(out_pre[:, start * g : (start + B) * g] + own, H)  # [B, H, d_v]
         start += B
         if plan.ablate is not None:
             out = out.masked_fill(plan.ablate[..., None], 0.0)
@@ -428,19 +434,16 @@ def _group_pattern(
     n_keys = P + t
     pos = n_keys - 1  # absolute position of this step's rows
 
-    def kv(x: Tensor) -> Tensor:
-        return x.reshape(B, n_kv, g, *x.shape[2:]).transpose(0, 1).reshape(n_kv, B * g, *x.shape[2:])
-
     own_k = lc.keys[:, :, :t].float().transpose(0, 1)  # [n_kv, B, t, d]
     s_own = torch.einsum("kbgd,kbtd->kbgt", qk.reshape(n_kv, B, g, d), own_k).reshape(n_kv, B * g, t)
     scores = torch.cat([s_pre, s_own], dim=-1) * scale  # [n_kv, B*g, n_keys]
     if plan.dk_post is not None:  # q . d_K: the same for every key, it matters only under a softcap
-        scores = scores + kv((q * plan.dk_post).sum(-1, keepdim=True)) * scale
+        scores = scores + _kv((q * plan.dk_post).sum(-1, keepdim=True), n_kv) * scale
     if plan.dk_pre is not None:
         if rope is None:
-            scores = scores + kv((q * plan.dk_pre).sum(-1, keepdim=True)) * scale
+            scores = scores + _kv((q * plan.dk_pre).sum(-1, keepdim=True), n_kv) * scale
         else:
-            scores = scores + kv(_pre_rope_bias(q, plan.dk_pre, rope[0], rope[1])) * scale
+            scores = scores + _kv(_pre_rope_bias(q, plan.dk_pre, rope[0], rope[1]), n_kv) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     visible = None
@@ -460,7 +463,7 @@ def _group_pattern(
         p4[kk, bb, gg] = reweight_rows(sub, in_span, target, visible)
     if group.indicator is not None:
         sums = pattern[..., : P + 1] @ group.indicator  # [n_kv, B*g, n_spans]
-        group.step_sums[layer] = sums.reshape(n_kv, B, g, -1).transpose(0, 1).reshape(B, H, -1).cpu()
+        group.step_sums[layer] = _bh(sums, H).cpu()
     return pattern
 
 
