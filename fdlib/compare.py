@@ -31,12 +31,14 @@ from fdlib.evaluate import bootstrap_ci
 from fdlib.heads import Head
 
 POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
-QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "full": {"train": 50, "test": 200}}
+QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper": {"train": 50, "test": 200},
+                                        "full": {"train": 50, "test": 200}}
 GRIDS: dict[str, dict[str, tuple]] = {
     "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,)),
     "full": dict(ks=(5, 10, 20), split=(0.05, 0.1, 0.3, 0.6), odds=(0.001, 0.01, 0.1), boost=(3.0, 7.0, 11.0, 19.0),
                  alpha=(0.1, 0.2, 0.5, 1.0)),
 }
+GRIDS["paper"] = GRIDS["full"]
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ from fdlib.store import atomic_write
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 
 
-def record_findings(notebook: str, findings: list[dict[str, Any]], directory: str | Path = "figures") -> Path:
+def record_findings(notebook: str, findings: list[dict[str, Any]], directory: str | Path = "figures",
+                    *, size: str | int | None = None) -> Path:
     """Write a notebook's headline numbers to `<directory>/data/<notebook>_findings.json`.
 
     Each finding: `finding` (text) and `value`, optionally `lo`, `hi` (a 95% interval), `n`.
+    `size` is the run's size (`paper`, `quick`, a count), shown beside them in the gallery.
     """
     if not re.fullmatch(r"\d\d_[a-z0-9_]+", notebook):
         raise ValueError(f"notebook must look like '01_contextual_heads', got {notebook!r}")
@@ -35,7 +37,8 @@ def record_findings(notebook: str, findings: list[dict[str, Any]], directory: st
             row["n"] = int(f["n"])
         rows.append(row)
     path = Path(directory) / "data" / f"{notebook}_findings.json"
-    text = json.dumps({"notebook": notebook, "findings": rows}, indent=1)
+    head = {"notebook": notebook} if size is None else {"notebook": notebook, "size": str(size)}
+    text = json.dumps({**head, "findings": rows}, indent=1)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
@@ -43,32 +46,45 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
-def model_dirs(model: str, root: str | Path = "..") -> tuple[Path, Path]:
-    """Where a notebook writes its figures and stores for `model`: `figures/` and `runs/` for the
-    default model, `figures/<model>/` and `runs/<model>/` for any other (so a second model's run
-    neither overwrites the default gallery nor meets the default model's stores)."""
-    from fdlib.models import DEFAULT_MODEL
-
-    root = Path(root)
-    if model == DEFAULT_MODEL:
-        return root / "figures", root / "runs"
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split("/")[-1])
-    return root / "figures" / slug, root / "runs" / slug
-
-
 def _findings_table(figures: Path, notebooks: Path, prefix: str, link: str) -> list[str]:
     rows = []
     for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
         data = figures / "data" / f"{nb.stem}_findings.json"
         if data.exists():
-            rows += [(nb.stem, f) for f in json.loads(data.read_text(encoding="utf-8"))["findings"]]
+            got = json.loads(data.read_text(encoding="utf-8"))
+            rows += [(nb.stem, got.get("size", "?"), f) for f in got["findings"]]
     if not rows:
         return []
-    lines = ["| notebook | finding | value | 95% interval | n |", "| --- | --- | --- | --- | --- |"]
-    for stem, f in rows:
+    lines = ["| notebook | finding | value | 95% interval | n | size |", "| --- | --- | --- | --- | --- | --- |"]
+    for stem, size, f in rows:
         ci = f"[{_fmt(f['lo'])}, {_fmt(f['hi'])}]" if "lo" in f and "hi" in f else ""
-        lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} | {f.get('n', '')} |")
+        lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} "
+                     f"| {f.get('n', '')} | {size} |")
     return lines + [""]
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min"
+
+
+def results_markdown(results: str | Path = "results") -> str:
+    """The paper-size run's ledger from `results/manifest.json`: per study, the rows stored of
+    those asked for, the wall time, and the sizes of its working store and committed file."""
+    path = Path(results) / "manifest.json"
+    if not path.exists():
+        return ""
+    m = json.loads(path.read_text(encoding="utf-8"))
+    machine = m.get("machine", {})
+    lines = [f"Paper-size run of `{m['model']}` (`{m['command'].split('  ')[0]}`), on {machine.get('cpus', '?')} CPUs "
+             f"({machine.get('platform', '?')}):", "",
+             "| study | rows stored / asked for | wall time | working store | committed file |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, r in sorted(m["studies"].items()):
+        done = f"{r['rows']:,} / {r['expected']:,}" if r.get("expected") else "kept (not store rows)"
+        state = "" if not r.get("expected") or r["rows"] == r["expected"] else " (running)"
+        lines.append(f"| {name} | {done}{state} | {_hours(r['seconds']) if r.get('seconds') else ''} "
+                     f"| {r['store_bytes'] / 2**20:.1f} MiB | {r['results_bytes'] / 2**20:.2f} MiB |")
+    return "\n".join(lines) + "\n"
 
 
 def _figure_links(figures: Path, tag: str, prefix: str, rel: str) -> list[str]:
@@ -104,15 +120,19 @@ def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "n
     return "\n".join(lines).rstrip() + "\n"
 
 
-def update_readme(readme: str | Path = "README.md", figures: str | Path = "figures", notebooks: str | Path = "notebooks") -> bool:
-    """Replace the README's text between the gallery markers; True when it changed."""
+def update_readme(readme: str | Path = "README.md", figures: str | Path = "figures", notebooks: str | Path = "notebooks",
+                  results: str | Path | None = None) -> bool:
+    """Replace the README's text between the gallery markers (the gallery, its findings, and the
+    paper-size run's ledger when `results` holds one); True when it changed."""
     readme = Path(readme)
     text = readme.read_text(encoding="utf-8")
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise ValueError(f"{readme} needs exactly one {START} ... {END} block")
     head, rest = text.split(START)
     _, tail = rest.split(END)
-    new = f"{head}{START}\n{gallery_markdown(figures, notebooks)}{END}{tail}"
+    ledger = results_markdown(results) if results is not None else ""
+    body = gallery_markdown(figures, notebooks) + (f"\n{ledger}" if ledger else "")
+    new = f"{head}{START}\n{body}{END}{tail}"
     if new == text:
         return False
     atomic_write(readme, lambda tmp: Path(tmp).write_text(new, encoding="utf-8"))

@@ -36,19 +36,20 @@ from fdlib.store import Store
 from fdlib.study import StudySample, run_study, study_frame  # noqa: F401  (study_frame: the reader of these stores)
 from fdlib.tasks import NQ_TASKS, TASKS, task_samples
 
-Size = Literal["quick", "full"]
+Size = Literal["quick", "paper", "full"]
 
 # The paper's Table 2 grid: focus directions at alpha on the top-k contextual heads.
 ALPHAS: tuple[float, ...] = (-0.2, 0.0, 0.2)
 KS: tuple[int, ...] = (10, 20)
 SINK_K = 5  # the heads whose sink score the spread tables report
-LENGTHS: dict[str, tuple[int, ...]] = {"quick": (2048,), "full": (2048, 4096, 8192)}
-TASK_SAMPLES: dict[str, int] = {"quick": 2, "full": 20}  # per task and length
+LENGTHS: dict[str, tuple[int, ...]] = {"quick": (2048,), "paper": (2048, 4096, 8192), "full": (2048, 4096, 8192)}
+# per task and length (a dict: per length; 8k prompts cost ~4x a 2k one, so `paper` takes fewer)
+TASK_SAMPLES: dict[str, int | dict[int, int]] = {"quick": 2, "paper": {2048: 20, 4096: 20, 8192: 10}, "full": 20}
 POSITIONS: tuple[int, ...] = (1, 5, 10, 15, 20)  # gold document among 20
-POSITION_QUESTIONS: dict[str, int] = {"quick": 2, "full": 100}  # per gold position
-NEEDLES: dict[str, int] = {"quick": 4, "full": 40}  # needle samples ranking the retrieval heads
-NEEDLE_TOKENS: dict[str, int] = {"quick": 1024, "full": 2048}
-BOOST_QUESTIONS: dict[str, int] = {"quick": 3, "full": 100}
+POSITION_QUESTIONS: dict[str, int] = {"quick": 2, "paper": 50, "full": 100}  # per gold position
+NEEDLES: dict[str, int] = {"quick": 4, "paper": 40, "full": 40}  # needle samples ranking the retrieval heads
+NEEDLE_TOKENS: dict[str, int] = {"quick": 1024, "paper": 2048, "full": 2048}
+BOOST_QUESTIONS: dict[str, int] = {"quick": 3, "paper": 100, "full": 100}
 MAX_NEW_TOKENS = 32
 
 
@@ -91,12 +92,13 @@ def task_suite(
     seed: int = 0,
     max_new_tokens: int = MAX_NEW_TOKENS,
 ) -> list[StudySample]:
-    """Samples of every task at every length: `TASK_SAMPLES[size]` per task and length (or
-    `size` itself when an int), prompts of `length - max_new_tokens` tokens."""
+    """Samples of every task at every length: `TASK_SAMPLES[size]` per task and length (per length
+    where it is a dict; its largest count at a length it does not list), or `size` itself when an
+    int; prompts of `length - max_new_tokens` tokens."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}: expected some of {sorted(TASKS)}")
-    n = sized(TASK_SAMPLES, size)
+    per_length = sized(TASK_SAMPLES, size)
     if lengths is None:
         lengths = LENGTHS[size] if isinstance(size, str) else LENGTHS["quick"]
     lengths = check_lengths(model, lengths, max_new_tokens)
@@ -105,6 +107,7 @@ def task_suite(
     for length in lengths:
         for name in tasks:
             extra = {"builder": builder} if name in NQ_TASKS else {}
+            n = per_length.get(length, max(per_length.values())) if isinstance(per_length, dict) else per_length
             for s in task_samples(name, model, n_tokens=length - max_new_tokens, size=n, seed=seed, **extra):
                 out.append(StudySample(s, {"task": name, "length": length, "n_tokens": s.n_tokens, "depth": s.depth}))
     return out
@@ -177,13 +180,14 @@ def task_study(
     ks: Sequence[int] = KS,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 32,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> pd.DataFrame:
     """Table 2's runs: every task sample without intervention and with focus directions at alpha
     x k on the top-k contextual heads (answer rows). Returns `study_frame` of those runs."""
     return run_study(model, samples, task_conditions(alphas, ks), heads={"contextual": ranked_heads},
                      directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="task study")
+                     batch_size=batch_size, progress=progress, desc="task study", shard=shard)
 
 
 def lost_conditions(*, tau: float = 0.1, alpha: float = 0.5, k: int = 5) -> list[Condition]:
@@ -206,6 +210,7 @@ def lost_in_the_middle(
     k: int = 5,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 32,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> pd.DataFrame:
     """EM on NQ with the gold document at each position, without intervention, with
@@ -214,7 +219,7 @@ def lost_in_the_middle(
     samples = position_samples(model, positions=positions, size=size, n_docs=n_docs, split=split)
     return run_study(model, samples, lost_conditions(tau=tau, alpha=alpha, k=k), heads={"contextual": ranked_heads},
                      directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="lost in the middle")
+                     batch_size=batch_size, progress=progress, desc="lost in the middle", shard=shard)
 
 
 def boost_ablate_conditions(
@@ -244,6 +249,7 @@ def boost_ablate(
     random_seeds: Sequence[int] = (0,),
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 32,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> pd.DataFrame:
     """NQ EM (n_docs documents, gold in the middle) when each head set's top-k (and k random
@@ -252,7 +258,7 @@ def boost_ablate(
                                n_docs=n_docs, split=split)
     conditions = boost_ablate_conditions(list(head_sets), k=k, tau=tau, rows=rows, random_seeds=random_seeds)
     return run_study(model, samples, conditions, heads=head_sets, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="boost / ablate")
+                     batch_size=batch_size, progress=progress, desc="boost / ablate", shard=shard)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,12 @@
-"""Re-run every notebook top to bottom so each writes its figures into `figures/`, then
-regenerate the README's gallery and findings table from them.
+"""Run every notebook top to bottom so each writes its figures, then (at `paper` size) regenerate
+the README's gallery and findings from the committed results.
 
-    python -m fdlib.reproduce --size quick     # minutes on a laptop CPU
-    python -m fdlib.reproduce --size full      # the real study (hours on a CPU; resumable)
+    python -m fdlib.reproduce                  # paper size, rendered from results/ (minutes)
+    python -m fdlib.reproduce --size quick     # computes a small run into runs/ (CI's size)
+
+At `paper` the notebooks read the committed results files and decode nothing; a notebook whose
+results are not committed yet is skipped, naming them (`python -m fdlib.paper run` computes them).
+Other sizes compute into `runs/` and write their figures under `runs/`, never into `figures/`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,19 @@ import os
 import sys
 import time
 from pathlib import Path
+
+from fdlib.paper import KEPT, NOTEBOOK_STUDIES
+from fdlib.store import RESULTS_SUFFIX
+from fdlib.workspace import PAPER, Workspace
+
+
+def missing_results(notebook: str, ws: Workspace) -> list[Path]:
+    """The committed results files a notebook renders from that are not there."""
+    if notebook not in NOTEBOOK_STUDIES:
+        return []  # the workshop and the explorer compute what they show
+    names = dict.fromkeys(("01_contextual",) + NOTEBOOK_STUDIES[notebook])
+    paths = [ws.results / (f"{n}.json" if n in KEPT else f"{n}{RESULTS_SUFFIX}") for n in names]
+    return [p for p in paths if not p.exists()]
 
 
 def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = None) -> None:
@@ -28,7 +45,7 @@ def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="quick", help="quick, full, or a number of questions")
+    ap.add_argument("--size", default=PAPER, help="paper (default: render the committed results), quick, full, or a count")
     ap.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"))
     ap.add_argument("notebook", nargs="*", help="only these notebooks (default: all, in name order)")
     args = ap.parse_args(argv)
@@ -36,12 +53,25 @@ def main(argv: list[str] | None = None) -> None:
     chosen = [Path(p) for p in args.notebook] or sorted(root.glob("[0-9]*.ipynb"))
     if not chosen:
         raise SystemExit(f"no notebooks found in {root}")
-    run_notebooks(chosen, args.size)
-    from fdlib.gallery import update_readme
+    from fdlib.data import parse_size
 
-    repo = root.parent
-    if (repo / "README.md").exists():
-        update_readme(repo / "README.md", repo / "figures", root)  # the gallery and findings
+    size = parse_size(args.size)
+    ws = Workspace.from_env(root=root.parent, environ={**os.environ, "FDLIB_SIZE": str(size)})
+    if ws.rendering:
+        ready = []
+        for path in chosen:
+            missing = missing_results(path.stem, ws)
+            if missing:
+                sys.stderr.write(f"{path.name}: skipped, no committed results yet ({', '.join(p.name for p in missing)}); "
+                                 "`./dev figures paper` computes them\n")
+            else:
+                ready.append(path)
+        chosen = ready
+    run_notebooks(chosen, size)
+    if size == PAPER and (root.parent / "README.md").exists():
+        from fdlib.gallery import update_readme
+
+        update_readme(root.parent / "README.md", root.parent / "figures", root, root.parent / "results")
 
 
 if __name__ == "__main__":

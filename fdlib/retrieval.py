@@ -16,6 +16,7 @@ last of `max_new_tokens`) are dropped.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -138,6 +139,24 @@ class RetrievalResult:
 
     def heads(self, k: int) -> list[tuple[int, int]]:
         return top_heads(self.scores, k)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-able dict (NaN as null) that `from_json` reads back exactly (float32 values)."""
+        def listed(t: Tensor) -> list:
+            return [[None if math.isnan(x) else x for x in row] for row in t.float().tolist()]
+
+        return {"samples": [{"sample_id": s.sample_id, "answer": s.answer, "recall": s.recall, "used": s.used,
+                             "scores": listed(s.scores)} for s in self.samples],
+                "scores": listed(self.scores)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RetrievalResult":
+        def tensor(rows: list) -> Tensor:
+            return torch.tensor([[math.nan if x is None else x for x in row] for row in rows], dtype=torch.float32)
+
+        samples = tuple(SampleRetrieval(d["sample_id"], d["answer"], float(d["recall"]), bool(d["used"]),
+                                        tensor(d["scores"])) for d in data["samples"])
+        return cls(samples, tensor(data["scores"]))
 
 
 def _needle_span(sample: Any) -> Span:

@@ -112,18 +112,20 @@ def score_dataset(
     *,
     store: str | Path | Store | None = None,
     max_new_tokens: int = 32,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> list[SampleScores]:
     """Score every sample (its greedy answer, no intervention): `fdlib.study.run_study` with the
     baseline of each input variant, so stored rows are reused and a crash loses at most one
-    sample."""
+    sample. The samples of another shard, or missing from a read-only store, are left out."""
     from fdlib.conditions import Condition
     from fdlib.study import run_study
 
     conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
     frame = run_study(model, samples, conditions, store=store, max_new_tokens=max_new_tokens, progress=progress,
-                      desc="scoring samples")
-    return frame_scores(model, frame, samples)
+                      desc="scoring samples", shard=shard)
+    held = set(frame["sample_id"]) if not frame.empty else set()
+    return frame_scores(model, frame, [s for s in samples if s.id in held])
 
 
 def frame_scores(
@@ -203,6 +205,7 @@ def focus_table(
     store: str | Path | Store | None = None,
     max_new_tokens: int = 32,
     level: float = 0.95,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> pd.DataFrame:
     """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
@@ -215,10 +218,13 @@ def focus_table(
     variants = list(dict.fromkeys(s.variant for s in samples))
     pairs = {v: (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)) for v in variants}
     frame = run_study(model, samples, [c for pair in pairs.values() for c in pair], directions={"focus": directions},
-                      store=store, max_new_tokens=max_new_tokens, progress=progress, desc="focus table")
+                      store=store, max_new_tokens=max_new_tokens, progress=progress, desc="focus table", shard=shard)
     parts = []
+    held = set(frame["sample_id"]) if not frame.empty else set()  # this shard's, or a results file's
     for v, (plain, steered) in pairs.items():
-        these = [s for s in samples if s.variant == v]
+        these = [s for s in samples if s.variant == v and s.id in held]
+        if not these:
+            continue
         for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
             results = frame_scores(model, frame, these, c.key)
             t = head_table(results, report, level=level).reset_index()
@@ -288,6 +294,7 @@ def contextual_study(
     gold_position: int | None = None,
     store: str | Path | Store | None = None,
     max_new_tokens: int = 32,
+    shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> ContextualStudy:
     """Score the same questions with k documents (gold in the middle by default) and gold-only.
@@ -302,6 +309,7 @@ def contextual_study(
     long = builder.samples(n_docs=n_docs, gold_position=gold_position, **kw)
     gold = builder.samples(variant="gold", **kw)
     with open_store(store) as db:
-        long_scores = score_dataset(model, long, store=db, max_new_tokens=max_new_tokens, progress=progress)
-        gold_scores = score_dataset(model, gold, store=db, max_new_tokens=max_new_tokens, progress=progress)
+        kw = dict(store=db, max_new_tokens=max_new_tokens, shard=shard, progress=progress)
+        long_scores = score_dataset(model, long, **kw)
+        gold_scores = score_dataset(model, gold, **kw)
     return ContextualStudy(long_scores, gold_scores, n_docs)

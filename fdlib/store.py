@@ -3,12 +3,19 @@
 Every row carries the hash of everything that made it (`setup_sha`: model, prompt tokens, the
 heads actually used, the directions' content, the condition's parameter, decoding settings) and
 that setup itself in its record, so a run can tell a row it may reuse from one it must not.
-A crash or a kill loses at most the transaction in flight.
+A crash or a kill loses at most the transaction in flight. A `progress` table keeps, per study
+run into the store, how many rows it asked for, how many are stored and the wall time spent.
+
+A committed results file (`*.jsonl.gz`, `export_results`) is a store's rows in a compact, text,
+byte-reproducible form; `open_store` reads one into a read-only in-memory store, so every reader
+(and `run_study`, which then decodes nothing) takes it like a store.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -16,7 +23,7 @@ import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -28,8 +35,15 @@ CREATE TABLE IF NOT EXISTS study_rows (
     record    TEXT NOT NULL,   -- JSON: answer, score, the condition's fields, meta, the setup
     arrays    BLOB,            -- npz of named arrays (per-head scores)
     PRIMARY KEY (sample_id, condition)
+);
+CREATE TABLE IF NOT EXISTS progress (
+    study    TEXT PRIMARY KEY, -- a run_study call's description and conditions
+    expected INTEGER NOT NULL, -- rows that call asked for, stored ones included
+    done     INTEGER NOT NULL, -- of them, the rows stored
+    seconds  REAL NOT NULL     -- wall time spent decoding them, summed over calls
 )
 """
+RESULTS_SUFFIX = ".jsonl.gz"
 
 
 @dataclass(frozen=True)
@@ -55,16 +69,25 @@ def _unpack(blob: bytes | None) -> dict[str, np.ndarray]:
 
 
 class Store:
-    """A results table in one SQLite file (`":memory:"` for a throwaway one)."""
+    """A results table in one SQLite file (`":memory:"` for a throwaway one). A read-only store
+    (a committed results file, see `load_results`) refuses every write."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, read_only: bool = False, source: str | None = None) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.path = str(path)
-        self._db = sqlite3.connect(self.path)
+        self.path = source or str(path)
+        self.read_only = read_only
+        self._db = sqlite3.connect(str(path))
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(_SCHEMA)
+        self._db.executescript(_SCHEMA)
         self._db.commit()
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(
+                f"{self.path} is a committed results file (read-only): recompute it with "
+                "`./dev figures paper` (FDLIB_RECOMPUTE=1), which writes runs/ and exports the file again"
+            )
 
     def close(self) -> None:
         self._db.close()
@@ -77,6 +100,7 @@ class Store:
 
     def put(self, rows: Iterable[Row]) -> None:
         """Write rows in one transaction (all or none)."""
+        self._writable()
         with self._db:
             self._db.executemany(
                 "INSERT OR REPLACE INTO study_rows VALUES (?, ?, ?, ?, ?)",
@@ -104,16 +128,82 @@ class Store:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM study_rows").fetchone()[0])
 
+    def note_progress(self, study: str, *, expected: int, done: int, seconds: float = 0.0) -> None:
+        """Record where a study stands: rows asked for, rows stored, and `seconds` more spent."""
+        if self.read_only:
+            return
+        with self._db:
+            self._db.execute(
+                "INSERT INTO progress VALUES (?, ?, ?, ?) ON CONFLICT(study) DO UPDATE SET "
+                "expected=excluded.expected, done=excluded.done, seconds=progress.seconds + excluded.seconds",
+                (study, int(expected), int(done), float(seconds)),
+            )
+
+    def progress(self) -> list[dict[str, Any]]:
+        """Per study run into this store: expected rows, stored rows, seconds spent."""
+        cur = self._db.execute("SELECT study, expected, done, seconds FROM progress ORDER BY rowid")
+        return [dict(study=s, expected=e, done=d, seconds=t) for s, e, d, t in cur]
+
 
 @contextlib.contextmanager
 def open_store(store: "str | Path | Store | None") -> Iterator[Store]:
     """Yield a Store for a path (closed afterwards), an open Store passed through untouched (its
-    owner closes it), or a throwaway in-memory one for None."""
+    owner closes it), a read-only one for a committed results file (`*.jsonl.gz`), or a throwaway
+    in-memory one for None."""
     if isinstance(store, Store):
         yield store
+    elif store is not None and str(store).endswith(RESULTS_SUFFIX):
+        with load_results(store) as db:
+            yield db
     else:
         with Store(":memory:" if store is None else store) as db:
             yield db
+
+
+def _array_text(a: np.ndarray) -> dict[str, Any]:
+    a = np.ascontiguousarray(a, dtype="<f2")  # figures need 3 digits; float16 halves the file
+    return {"shape": list(a.shape), "f16": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _array_from(d: Mapping[str, Any]) -> np.ndarray:
+    raw = np.frombuffer(base64.b64decode(d["f16"]), dtype="<f2").reshape(d["shape"])
+    return raw.astype(np.float32)
+
+
+def export_results(store: "str | Path | Store", path: str | Path, *, arrays: bool | Sequence[str] = True) -> Path:
+    """Write a store's rows as a committed results file: gzip'd JSON lines sorted by (sample,
+    condition), the per-head arrays in float16 (`arrays`: all, none, or the kinds named), no
+    timestamp in the gzip header, so the same rows always give the same bytes. Atomic."""
+    if not str(path).endswith(RESULTS_SUFFIX):
+        raise ValueError(f"a results file must end in {RESULTS_SUFFIX}, got {path}")
+    with open_store(store) as db:
+        rows = sorted(db.rows(arrays=arrays is not False), key=lambda r: (r.sample_id, r.condition))
+    keep = None if arrays is True else set(arrays or ())
+    lines = []
+    for r in rows:
+        kept = {k: _array_text(v) for k, v in sorted(r.arrays.items()) if keep is None or k in keep}
+        lines.append(json.dumps({"sample_id": r.sample_id, "condition": r.condition, "setup_sha": r.setup_sha,
+                                 "record": r.record, "arrays": kept}, sort_keys=True, separators=(",", ":")))
+    data = gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), compresslevel=9, mtime=0)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def load_results(path: str | Path) -> Store:
+    """A committed results file as a read-only in-memory store."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no committed results at {path}: compute them with `./dev figures paper`")
+    db = Store(":memory:", source=str(path))
+    rows = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                d = json.loads(line)
+                rows.append(Row(d["sample_id"], d["condition"], d["setup_sha"], d["record"],
+                                {k: _array_from(v) for k, v in d["arrays"].items()}))
+    db.put(rows)
+    db.read_only = True
+    return db
 
 
 def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
@@ -342,7 +343,10 @@ def run_study(
     one sample at a time, so a kill loses at most that sample; n > 0 keeps the batch fuller at the
     end of each sample's answers (faster), and a kill loses at most n + 1 samples. Conditions with `rows="all"` always take the sequential path (their prompt rows
     change, so they share no prefix). A stored row made by another setup is refused, naming what
-    differs, unless `replace=True` (then it is recomputed and overwritten).
+    differs, unless `replace=True` (then it is recomputed and overwritten). A read-only store (a
+    committed results file) is only read: the frame holds the samples whose rows it has, whole,
+    and nothing is decoded. The store's `progress` table follows the call (rows asked for and
+    stored, wall time), for `python -m fdlib.paper status`.
     """
     i, n = shard
     if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
@@ -362,11 +366,12 @@ def run_study(
     mine = list(groups.values())[i::n]
     with open_store(store) as db:
         stored = db.setups()
-        todo = []
+        todo, expected = [], 0
         for group in mine:
             pending = []
             for s in group:
                 for p in _plan(model, s, conditions, rankings, directions, max_new_tokens):
+                    expected += 1
                     sha = stored.get((s.id, p.condition.key))
                     if sha == p.setup_sha:
                         continue
@@ -379,13 +384,25 @@ def run_study(
                     pending.append((s, p))
             if pending:
                 todo.append(pending)
-        bar = tqdm(total=sum(len(t) for t in todo), desc=desc, unit="row", disable=not progress)
+        if db.read_only:  # a committed results file: show the samples it holds whole, decode nothing
+            missing = {s.id for pending in todo for s, _ in pending}
+            held = [s for group in mine for s in group if not any(t.id in missing for t in group)]
+            return study_frame(db, conditions, samples=held)
+        study = f"{desc}: {len(conditions)} conditions, {sum(len(g) for g in mine)} prompts, shard {i}/{n}"
+        done = expected - sum(len(t) for t in todo)
+        db.note_progress(study, expected=expected, done=done)
+        bar = tqdm(total=expected, initial=done, desc=desc, unit="row", disable=not progress)
         if engine == "sequential":
             runs = _run_sequential(model, todo, directions, max_new_tokens)
         else:
             runs = _run_batched(model, todo, directions, batch_size, max_new_tokens, 1 + overlap)
+        clock = time.perf_counter()
         for rows in runs:
             db.put(rows)  # one transaction per sample: a kill loses at most the samples in flight
+            done += len(rows)
+            now = time.perf_counter()
+            db.note_progress(study, expected=expected, done=done, seconds=now - clock)
+            clock = now
             bar.update(len(rows))
         bar.close()
         return study_frame(db, conditions, samples=samples)

@@ -31,6 +31,7 @@ GRIDS: dict[str, dict] = {
     "quick": dict(taus=(0.1, 1000.0), ks=(5, 20), seeds=(0,)),
     "full": dict(taus=(0.1, 0.3, 0.6, 1.5, 1000.0), ks=(1, 5, 10, 20, 30, 50, 100, 150, 200), seeds=(0, 1, 2)),
 }
+GRIDS["paper"] = GRIDS["full"]  # the paper's Figure 3 grid; `paper` differs from `full` in questions only
 
 
 def split_grid(
@@ -48,7 +49,7 @@ def split_grid(
     ks = list(g["ks"] if ks is None else ks)
     seeds = g["seeds"] if seeds is None else seeds
     if n_total_heads is not None:
-        ks = sorted({k for k in ks if k <= n_total_heads} | ({n_total_heads} if size == "full" else set()))
+        ks = sorted({k for k in ks if k <= n_total_heads} | ({n_total_heads} if size in ("full", "paper") else set()))
     return baselines() + reweight_grid(taus, ks, seeds=seeds, n_total_heads=n_total_heads)
 
 
@@ -57,6 +58,7 @@ FOCUS_GRIDS: dict[str, dict] = {
     "quick": dict(alphas=(0.5,), ks=(5,), seeds=(0,)),
     "full": dict(alphas=(-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0), ks=(1, 5, 10, 20, 50, 100), seeds=(0,)),
 }
+FOCUS_GRIDS["paper"] = FOCUS_GRIDS["full"]
 
 
 def focus_grid(
@@ -229,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(prog="python -m fdlib.sweeps", description="split-softmax sweep")
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--size", choices=["quick", "full"], default="quick", help="grid and question count")
+    ap.add_argument("--size", choices=["quick", "paper", "full"], default="quick", help="grid and question count")
     ap.add_argument("--questions", type=int, help="number of test questions (overrides --size)")
     ap.add_argument("--skip", type=int, default=0, help="leave out the first N test questions")
     ap.add_argument("--taus", type=float, nargs="+")

@@ -79,7 +79,7 @@ from fdlib.evaluate import best_subspan_em
 from fdlib.spans import Span, check_spans
 
 # `quick` is what CI runs, `full` a study's size.
-TASK_SIZES: dict[str, int] = {"quick": 4, "full": 100}
+TASK_SIZES: dict[str, int] = {"quick": 4, "paper": 20, "full": 100}
 # A prompt has between (1 - LENGTH_TOLERANCE) * n_tokens and n_tokens tokens (never more, so a
 # request equal to the context window still fits).
 LENGTH_TOLERANCE = 0.03

@@ -54,10 +54,6 @@ def test_bad_findings_are_refused(tmp_path):
 
 
 def test_other_models_get_their_own_folders_and_findings(tmp_path):
-    import fdlib
-
-    assert gallery.model_dirs(fdlib.DEFAULT_MODEL, tmp_path) == (tmp_path / "figures", tmp_path / "runs")
-    assert gallery.model_dirs("gemma-3-270m", tmp_path) == (tmp_path / "figures" / "gemma-3-270m", tmp_path / "runs" / "gemma-3-270m")
     root = layout(tmp_path)
     other = root / "figures" / "gemma-3-270m"
     other.mkdir()
@@ -65,6 +61,6 @@ def test_other_models_get_their_own_folders_and_findings(tmp_path):
     gallery.record_findings("01_alpha", [{"finding": "EM gold only", "value": 0.5, "lo": 0.2, "hi": 0.8, "n": 10}], other)
     md = gallery.gallery_markdown(root / "figures", root / "notebooks")
     assert "**Findings on `gemma-3-270m`**" in md
-    assert "| [`01`](notebooks/01_alpha.ipynb) | EM gold only | 0.50 | [0.20, 0.80] | 10 |" in md
+    assert "| [`01`](notebooks/01_alpha.ipynb) | EM gold only | 0.50 | [0.20, 0.80] | 10 | ? |" in md
     assert "[![01_a](figures/gemma-3-270m/01_a.png)](figures/gemma-3-270m/01_a.png)" in md
     assert md.index("02_c.png") < md.index("gemma-3-270m")  # after the default model's gallery

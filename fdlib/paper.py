@@ -1,0 +1,209 @@
+"""The paper-size run: every notebook's studies at `paper` size, resumable and shardable, then the
+committed results files they render from.
+
+    python -m fdlib.paper status                    # where each study stands, with an ETA
+    python -m fdlib.paper run [--only 02 07]        # compute (resumes), then export
+    python -m fdlib.paper run --only 02 --shard 3/8 # one job of a cluster array (see scripts/)
+    python -m fdlib.paper merge --only 02           # merge a sharded study's stores
+    python -m fdlib.paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
+
+`run` executes each notebook's code as a script with `FDLIB_SIZE=paper FDLIB_RECOMPUTE=1`, so the
+progress bar and ETA of every study show in the terminal; each study resumes from its store in
+`runs/paper/` and writes one transaction per question. `./dev figures paper` is `run`, then the
+notebooks rendered from the results (`python -m fdlib.reproduce --size paper`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fdlib.store import RESULTS_SUFFIX, Store, export_results, merge_stores
+from fdlib.workspace import PAPER, Workspace
+
+# The stores each notebook's studies keep (`Workspace.store` names), in run order. A notebook
+# reads the stores of the ones before it (every study ranks heads with 01's).
+NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
+    "01_contextual_heads": ("01_contextual",),
+    "02_split_softmax": ("02_split_softmax",),
+    "03_focus_directions": ("03_focus", "03_table3"),
+    "04_long_context_tasks": ("04_tasks", "04_lost"),
+    "05_retrieval_vs_contextual": ("05_retrieval", "05_boost_ablate"),
+    "07_interventions_compared": ("07_choose", "07_compare", "07_lost"),
+}
+# Per-head arrays a results file keeps (the figures' needs): the EM grids keep none.
+ARRAYS: dict[str, bool] = {"02_split_softmax": False, "03_focus": False, "07_choose": False}
+# Studies that are not store rows: `Workspace.keep` JSON files.
+KEPT: tuple[str, ...] = ("05_retrieval",)
+
+
+def _ws(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
+    from fdlib.models import DEFAULT_MODEL
+
+    return Workspace(model or DEFAULT_MODEL, PAPER, recompute=True, shard=shard, root=root)
+
+
+def _chosen(only: Sequence[str] | None) -> list[str]:
+    if not only:
+        return list(NOTEBOOK_STUDIES)
+    out = [nb for nb in NOTEBOOK_STUDIES if any(nb.startswith(o) for o in only)]
+    unknown = [o for o in only if not any(nb.startswith(o) for nb in NOTEBOOK_STUDIES)]
+    if unknown:
+        raise SystemExit(f"unknown notebooks {unknown}: expected prefixes of {list(NOTEBOOK_STUDIES)}")
+    return out
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def study_status(ws: Workspace) -> list[dict[str, Any]]:
+    """Per study: rows stored vs asked for, wall time so far, an ETA, store and results sizes."""
+    out = []
+    for nb, names in NOTEBOOK_STUDIES.items():
+        for name in names:
+            path = ws.store(name)
+            shards = sorted(path.parent.glob(f"{name}.shard-*.sqlite")) if path.parent.exists() else []
+            stores = [p for p in [path, *shards] if p.exists()]
+            kept = path.with_suffix(".json")
+            expected = done = 0
+            seconds = 0.0
+            for p in stores:
+                with Store(p) as db:
+                    for row in db.progress():
+                        expected, done, seconds = expected + row["expected"], done + row["done"], seconds + row["seconds"]
+            results = ws.results / (f"{name}.json" if name in KEPT else f"{name}{RESULTS_SUFFIX}")
+            eta = (expected - done) * seconds / done if done and expected > done else 0.0
+            out.append({
+                "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
+                "eta_seconds": round(eta, 1), "store_bytes": sum(p.stat().st_size for p in stores)
+                + (kept.stat().st_size if kept.exists() else 0),
+                "results_bytes": results.stat().st_size if results.exists() else 0,
+                "state": "kept" if kept.exists() else ("started" if stores else "not started"),
+            })
+    return out
+
+
+def format_status(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'study':<22} {'rows':>15} {'time':>8} {'ETA':>8} {'store':>9} {'results':>9}"]
+    for r in rows:
+        frac = f"{r['rows']}/{r['expected']}" if r["expected"] else r["state"]
+        eta = _hms(r["eta_seconds"]) if r["eta_seconds"] else ("done" if r["expected"] and r["rows"] == r["expected"] else "-")
+        lines.append(f"{r['study']:<22} {frac:>15} {_hms(r['seconds']):>8} {eta:>8} "
+                     f"{r['store_bytes'] / 2**20:>7.1f}MB {r['results_bytes'] / 2**20:>7.2f}MB")
+    return "\n".join(lines)
+
+
+def notebook_script(path: Path) -> str:
+    """A notebook's code cells as one script (display-only expressions are harmless there)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    return "\n\n".join(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def run_notebook(path: Path, ws: Workspace) -> float:
+    """Run a notebook's code at `paper` size, computing, its progress bars on this terminal."""
+    env = {**os.environ, "FDLIB_SIZE": PAPER, "FDLIB_RECOMPUTE": "1", "FDLIB_MODEL": ws.model,
+           "FDLIB_SHARD": f"{ws.shard[0]}/{ws.shard[1]}", "MPLBACKEND": "Agg"}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", notebook_script(path)], cwd=path.parent, env=env, check=True)
+    return time.perf_counter() - start
+
+
+def export(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
+    """Write the results files of these notebooks' studies from their `runs/paper` stores, and
+    the manifest (settings, rows, wall time, store and file sizes, machine)."""
+    written = []
+    for nb in notebooks:
+        for name in NOTEBOOK_STUDIES[nb]:
+            store = ws.store(name)
+            if name in KEPT:
+                kept = store.with_suffix(".json")
+                if kept.exists():
+                    target = ws.results / f"{name}.json"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(kept.read_bytes())
+                    written.append(target)
+            elif store.exists():
+                written.append(export_results(store, ws.results / f"{name}{RESULTS_SUFFIX}",
+                                              arrays=ARRAYS.get(name, True)))
+    write_manifest(ws)
+    return written
+
+
+def write_manifest(ws: Workspace) -> Path:
+    """`results/manifest.json`: per study its rows, wall time and sizes, and how they were made."""
+    import torch
+
+    from fdlib.store import atomic_write
+
+    path = ws.results / "manifest.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    studies = {r["study"]: r for r in study_status(ws) if r["state"] != "not started"}
+    manifest = {
+        "command": "./dev figures paper  (python -m fdlib.paper run; then python -m fdlib.reproduce --size paper)",
+        "model": ws.model, "size": PAPER,
+        "machine": old.get("machine") or {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                          "torch_threads": torch.get_num_threads()},
+        "studies": {**old.get("studies", {}), **studies},
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
+    """Merge each study's shard stores into its unsharded store."""
+    out = []
+    for nb in notebooks:
+        for name in NOTEBOOK_STUDIES[nb]:
+            target = ws.store(name)
+            shards = sorted(target.parent.glob(f"{name}.shard-*.sqlite"))
+            if shards:
+                merge_stores(shards, target)
+                out.append(target)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from fdlib.workspace import parse_shard
+
+    ap = argparse.ArgumentParser(prog="python -m fdlib.paper", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["status", "run", "merge", "export"])
+    ap.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 02 07 (default: all, in order)")
+    ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
+    ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
+    ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    args = ap.parse_args(argv)
+    root = Path(args.root)
+    ws = _ws(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
+    chosen = _chosen(args.only)
+    if args.action == "status":
+        print(format_status(study_status(ws)))
+    elif args.action == "merge":
+        print("\n".join(str(p) for p in merge(ws, chosen)) or "no shard stores")
+    elif args.action == "export":
+        print("\n".join(str(p) for p in export(ws, chosen)))
+    else:
+        print(f"paper-size run of {ws.model}; stores in {ws.runs / PAPER}. Where it stands:", flush=True)
+        print(format_status(study_status(ws)), flush=True)
+        for nb in chosen:
+            print(f"\n== {nb} ==", flush=True)
+            seconds = run_notebook(root / "notebooks" / f"{nb}.ipynb", ws)
+            print(f"{nb}: {_hms(seconds)}", flush=True)
+            if not ws.sharded:
+                export(ws, [nb])
+        print(format_status(study_status(ws)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

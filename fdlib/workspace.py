@@ -1,0 +1,144 @@
+"""Where a notebook's studies keep their rows and write their figures, for one model and size.
+
+- `quick`, `full` or a count: stores `runs/[<model>/]<name>_<size>.sqlite`, figures and findings
+  `runs/[<model>/]figures/<size>/`. A CI run (`quick`) never touches the committed gallery.
+- `paper`: figures and findings in `figures/[<model>/]` (the README's gallery). Its studies read
+  the committed results files `results/[<model>/]<name>.jsonl.gz`, read-only: the notebooks
+  render from them and decode nothing. With `recompute`, the studies run (resuming) into
+  `runs/[<model>/]paper/<name>.sqlite` (one store per shard when sharded), which
+  `python -m fdlib.paper export` turns into the results files.
+
+`[<model>/]` is empty for the default model. `Workspace.from_env()` reads the notebooks' switches:
+`FDLIB_MODEL`, `FDLIB_SIZE` (default quick), `FDLIB_RECOMPUTE=1`, `FDLIB_SHARD=i/n`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fdlib.data import SIZES, parse_size, sized
+from fdlib.store import RESULTS_SUFFIX, atomic_write
+
+PAPER = "paper"
+
+
+def model_slug(model: str) -> str:
+    """A model's folder name: the last part of its hub name, safe for a path."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.split("/")[-1])
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`"i/n"` -> (i, n), checked."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m or not int(m[1]) < int(m[2]):
+        raise ValueError(f"a shard is 'i/n' with 0 <= i < n, got {text!r}")
+    return int(m[1]), int(m[2])
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """One model and size: the paths its studies and figures use (see the module docstring)."""
+
+    model: str
+    size: str | int = "quick"
+    recompute: bool = False
+    shard: tuple[int, int] = (0, 1)
+    root: Path = Path("..")
+
+    def __post_init__(self) -> None:
+        sized(SIZES, self.size)  # a size name or a positive count, else a ValueError naming them
+        i, n = self.shard
+        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {self.shard!r}")
+        if self.rendering and n > 1:
+            raise ValueError("a sharded run computes: set recompute=True (FDLIB_RECOMPUTE=1) with a shard")
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def from_env(cls, root: str | Path = "..", environ: Mapping[str, str] | None = None) -> "Workspace":
+        from fdlib.models import DEFAULT_MODEL
+
+        env = os.environ if environ is None else environ
+        flag = env.get("FDLIB_RECOMPUTE", "0").strip().lower()
+        if flag not in ("", "0", "1", "false", "true", "no", "yes"):
+            raise ValueError(f"FDLIB_RECOMPUTE must be 0 or 1, got {flag!r}")
+        return cls(
+            model=env.get("FDLIB_MODEL") or DEFAULT_MODEL,
+            size=parse_size(env.get("FDLIB_SIZE") or "quick"),
+            recompute=flag in ("1", "true", "yes"),
+            shard=parse_shard(env.get("FDLIB_SHARD") or "0/1"),
+            root=root,
+        )
+
+    @property
+    def rendering(self) -> bool:
+        """True when the studies read the committed results and compute nothing."""
+        return self.size == PAPER and not self.recompute
+
+    @property
+    def sharded(self) -> bool:
+        return self.shard[1] > 1
+
+    def _under(self, top: str) -> Path:
+        from fdlib.models import DEFAULT_MODEL
+
+        base = self.root / top
+        return base if self.model == DEFAULT_MODEL else base / model_slug(self.model)
+
+    @property
+    def results(self) -> Path:
+        """The committed results folder of this model."""
+        return self._under("results")
+
+    @property
+    def runs(self) -> Path:
+        """This model's working stores (not committed)."""
+        return self._under("runs")
+
+    @property
+    def committed_figures(self) -> Path:
+        """The gallery's folder for this model; the committed directions files are in its `data/`."""
+        return self._under("figures")
+
+    @property
+    def figures(self) -> Path:
+        """Where this run writes figures and findings: the gallery only at `paper`, unsharded."""
+        if self.size == PAPER and not self.sharded:
+            return self.committed_figures
+        tag = f"{self.size}-shard-{self.shard[0]}-of-{self.shard[1]}" if self.sharded else str(self.size)
+        return self.runs / "figures" / tag
+
+    def store(self, name: str) -> Path:
+        """The store of study `name` (e.g. `"02_split_softmax"`) for this size."""
+        if not re.fullmatch(r"\d\d_[a-z0-9_]+", name):
+            raise ValueError(f"a study name looks like '02_split_softmax', got {name!r}")
+        if self.rendering:
+            return self.results / f"{name}{RESULTS_SUFFIX}"
+        if self.size == PAPER:
+            suffix = f".shard-{self.shard[0]}-of-{self.shard[1]}" if self.sharded else ""
+            return self.runs / PAPER / f"{name}{suffix}.sqlite"
+        return self.runs / f"{name}_{self.size}.sqlite"
+
+    def input(self, name: str) -> Path:
+        """The store of an earlier notebook's study read as an input (the head ranking): as
+        `store`, but never a shard's (a sharded stage runs after the merge of the one before)."""
+        return Workspace(self.model, self.size, self.recompute, (0, 1), self.root).store(name)
+
+    def keep(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A study result that is not store rows (a JSON-able dict, e.g. the retrieval heads):
+        read from the committed `results/<name>.json` when rendering, else computed once per size
+        into `runs/` and reused (a `paper` run's copy is what `export` commits)."""
+        path = self.results / f"{name}.json" if self.rendering else self.store(name).with_suffix(".json")
+        if path.exists():
+            return json.loads(path.read_text(encoding="utf-8"))
+        if self.rendering:
+            raise FileNotFoundError(f"no committed results at {path}: compute them with `./dev figures paper`")
+        value = compute()
+        text = json.dumps(value, sort_keys=True, indent=0)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return value

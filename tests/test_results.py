@@ -1,0 +1,204 @@
+"""Committed results files (fdlib.store export/load), the workspace's paths per size
+(fdlib.workspace), the paper-size pipeline's ledger (fdlib.paper) and rendering without decoding."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fdlib
+from fdlib import paper, reproduce, study
+from fdlib.conditions import Condition
+from fdlib.gallery import record_findings, results_markdown, update_readme
+from fdlib.store import Store, export_results, load_results, open_store
+from fdlib.study import run_study, study_frame
+from fdlib.workspace import Workspace, parse_shard
+from conftest import fake_samples
+
+RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
+CONDS = [Condition.baseline(), Condition.split(0.1, "contextual", 2), Condition.ablate("random", 2, seed=0)]
+
+
+def build_ws(tmp_path, **overrides):
+    kw = dict(model=fdlib.DEFAULT_MODEL, size="quick", root=tmp_path)
+    return Workspace(**{**kw, **overrides})
+
+
+def _run(tiny, store, samples=None, **kw):
+    return run_study(tiny.model, samples or fake_samples(3), CONDS, heads={"contextual": RANKED}, store=store,
+                     progress=False, max_new_tokens=6, **kw)
+
+
+# --- the workspace ---------------------------------------------------------------------------
+
+
+def test_workspace_paths_per_size(tmp_path):
+    quick = build_ws(tmp_path)
+    assert quick.store("02_split_softmax") == tmp_path / "runs" / "02_split_softmax_quick.sqlite"
+    assert quick.figures == tmp_path / "runs" / "figures" / "quick"  # CI never writes the gallery
+    assert not quick.rendering
+    render = build_ws(tmp_path, size="paper")
+    assert render.rendering and render.figures == tmp_path / "figures"
+    assert render.store("02_split_softmax") == tmp_path / "results" / "02_split_softmax.jsonl.gz"
+    compute = build_ws(tmp_path, size="paper", recompute=True)
+    assert compute.store("02_split_softmax") == tmp_path / "runs" / "paper" / "02_split_softmax.sqlite"
+    shard = build_ws(tmp_path, size="paper", recompute=True, shard=(2, 8))
+    assert shard.store("02_split_softmax") == tmp_path / "runs" / "paper" / "02_split_softmax.shard-2-of-8.sqlite"
+    assert shard.input("01_contextual") == tmp_path / "runs" / "paper" / "01_contextual.sqlite"  # merged ranking
+    assert shard.figures != shard.committed_figures  # a shard's partial figures stay out of the gallery
+    gemma = build_ws(tmp_path, model="gemma-3-270m", size="paper")
+    assert gemma.store("01_contextual") == tmp_path / "results" / "gemma-3-270m" / "01_contextual.jsonl.gz"
+    assert gemma.committed_figures == tmp_path / "figures" / "gemma-3-270m"
+    assert build_ws(tmp_path, size=30).store("01_contextual").name == "01_contextual_30.sqlite"
+
+
+def test_workspace_refusals_and_env(tmp_path):
+    for bad in (dict(size="huge"), dict(size=0), dict(shard=(3, 3)), dict(size="paper", shard=(0, 2))):
+        with pytest.raises(ValueError):
+            build_ws(tmp_path, **bad)
+    with pytest.raises(ValueError, match="study name"):
+        build_ws(tmp_path).store("../etc")
+    ws = Workspace.from_env(tmp_path, {"FDLIB_SIZE": "paper", "FDLIB_RECOMPUTE": "1", "FDLIB_SHARD": "1/4",
+                                       "FDLIB_MODEL": "gemma-3-270m"})
+    assert (ws.size, ws.recompute, ws.shard, ws.model) == ("paper", True, (1, 4), "gemma-3-270m")
+    assert Workspace.from_env(tmp_path, {"FDLIB_SIZE": "12"}).size == 12
+    assert Workspace.from_env(tmp_path, {}).size == "quick"
+    with pytest.raises(ValueError, match="FDLIB_RECOMPUTE"):
+        Workspace.from_env(tmp_path, {"FDLIB_RECOMPUTE": "maybe"})
+    assert parse_shard("3/8") == (3, 8)
+    with pytest.raises(ValueError):
+        parse_shard("8/8")
+
+
+def test_keep_computes_once_then_renders_the_committed_copy(tmp_path):
+    calls = []
+    ws = build_ws(tmp_path, size="paper", recompute=True)
+    assert ws.keep("05_retrieval", lambda: calls.append(1) or {"x": [1.5, None]}) == {"x": [1.5, None]}
+    assert ws.keep("05_retrieval", lambda: calls.append(1) or {}) == {"x": [1.5, None]} and len(calls) == 1
+    render = build_ws(tmp_path, size="paper")
+    with pytest.raises(FileNotFoundError, match="dev figures paper"):
+        render.keep("05_retrieval", dict)
+    paper.export(ws, ["05_retrieval_vs_contextual"])
+    assert render.keep("05_retrieval", lambda: pytest.fail("rendering must not compute")) == {"x": [1.5, None]}
+
+
+# --- results files ---------------------------------------------------------------------------
+
+
+def test_export_load_round_trip_and_same_bytes(tiny, tmp_path):
+    a = _run(tiny, tmp_path / "a.sqlite")
+    out = export_results(tmp_path / "a.sqlite", tmp_path / "a.jsonl.gz")
+    b = study_frame(out, CONDS)
+    assert list(a.answer) == list(b.answer) and list(a.score) == list(b.score) and list(a.condition) == list(b.condition)
+    for x, y in zip(a.relevant_score, b.relevant_score):
+        np.testing.assert_allclose(x, y, atol=1e-3, rtol=1e-3)  # float16 in the file
+    # an independent recomputation into a fresh store exports to the same bytes
+    _run(tiny, tmp_path / "again.sqlite")
+    again = export_results(tmp_path / "again.sqlite", tmp_path / "again.jsonl.gz")
+    assert again.read_bytes() == out.read_bytes()
+    # arrays=False keeps answers and scores only
+    lean = export_results(tmp_path / "a.sqlite", tmp_path / "lean.jsonl.gz", arrays=False)
+    assert all(x is None for x in study_frame(lean).relevant_score) and lean.stat().st_size < out.stat().st_size
+    with pytest.raises(ValueError, match="jsonl.gz"):
+        export_results(tmp_path / "a.sqlite", tmp_path / "a.json")
+
+
+def test_results_file_is_read_only_and_renders_without_decoding(tiny, tmp_path, monkeypatch):
+    samples = fake_samples(4)
+    _run(tiny, tmp_path / "part.sqlite", samples[:3])  # one sample missing: a run still going
+    path = export_results(tmp_path / "part.sqlite", tmp_path / "part.jsonl.gz")
+    with load_results(path) as db:
+        assert db.read_only
+        with pytest.raises(PermissionError, match="dev figures paper"):
+            db.put([])
+    monkeypatch.setattr(study, "_run_batched", lambda *a, **k: pytest.fail("rendering decoded"))
+    frame = _run(tiny, path, samples)
+    assert sorted(set(frame.sample_id)) == sorted(s.id for s in samples[:3])  # whole samples, the held ones
+    assert len(frame) == 3 * len(CONDS)
+    # a committed row made by another setup is refused, naming what differs
+    with pytest.raises(ValueError, match="heads"):
+        run_study(tiny.model, samples, CONDS, heads={"contextual": RANKED[::-1]}, store=path, progress=False, max_new_tokens=6)
+    with pytest.raises(FileNotFoundError, match="dev figures paper"):
+        with open_store(tmp_path / "absent.jsonl.gz"):
+            pass
+
+
+def test_progress_ledger_and_status(tiny, tmp_path):
+    ws = build_ws(tmp_path, size="paper", recompute=True)
+    store = ws.store("02_split_softmax")
+    _run(tiny, store, fake_samples(2))
+    _run(tiny, store, fake_samples(3))  # resumes: one more sample
+    with Store(store) as db:
+        rows = db.progress()
+    assert [(r["expected"], r["done"]) for r in rows] == [(6, 6), (9, 9)] and all(r["seconds"] > 0 for r in rows)
+    status = {r["study"]: r for r in paper.study_status(ws)}
+    assert status["02_split_softmax"]["rows"] == 15 and status["02_split_softmax"]["state"] == "started"
+    assert status["03_focus"]["state"] == "not started"
+    assert "02_split_softmax" in paper.format_status(list(status.values()))
+    written = paper.export(ws, ["02_split_softmax"])
+    assert written == [tmp_path / "results" / "02_split_softmax.jsonl.gz"]
+    with gzip.open(written[0], "rt") as f:
+        assert all("arrays" in json.loads(line) and not json.loads(line)["arrays"] for line in f)  # EM grid: no arrays
+    manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
+    assert manifest["studies"]["02_split_softmax"]["rows"] == 15
+    md = results_markdown(tmp_path / "results")
+    assert "| 02_split_softmax | 15 / 15 |" in md
+
+
+def test_merge_shards(tiny, tmp_path):
+    samples = fake_samples(4)
+    for i in range(2):
+        ws = build_ws(tmp_path, size="paper", recompute=True, shard=(i, 2))
+        _run(tiny, ws.store("02_split_softmax"), samples, shard=(i, 2))
+    ws = build_ws(tmp_path, size="paper", recompute=True)
+    assert paper.merge(ws, ["02_split_softmax"]) == [ws.store("02_split_softmax")]
+    whole = _run(tiny, tmp_path / "whole.sqlite", samples)
+    merged = study_frame(ws.store("02_split_softmax"), CONDS, samples=samples)
+    assert sorted(zip(merged.sample_id, merged.condition, merged.answer)) == sorted(
+        zip(whole.sample_id, whole.condition, whole.answer))
+
+
+def test_reproduce_skips_notebooks_without_results(tmp_path):
+    ws = build_ws(tmp_path, size="paper")
+    missing = reproduce.missing_results("02_split_softmax", ws)
+    assert [p.name for p in missing] == ["01_contextual.jsonl.gz", "02_split_softmax.jsonl.gz"]
+    assert reproduce.missing_results("06_head_explorer", ws) == []
+    assert [p.name for p in reproduce.missing_results("05_retrieval_vs_contextual", ws)][1] == "05_retrieval.json"
+
+
+def test_every_notebook_store_is_registered():
+    """The stores notebooks name are the ones the pipeline runs, exports and checks."""
+    import re
+
+    import nbformat
+
+    names = set()
+    for nb in sorted(Path(__file__).resolve().parents[1].glob("notebooks/0*.ipynb")):
+        src = "\n".join(c.source for c in nbformat.read(nb, as_version=4).cells)
+        found = set(re.findall(r'WS\.(?:store|keep)\("(\d\d_[a-z0-9_]+)"', src))
+        assert found <= set(paper.NOTEBOOK_STUDIES.get(nb.stem, ())), (nb.stem, found)
+        names |= found
+        assert "../figures" not in src  # figures go where the workspace says
+    assert names == {n for ns in paper.NOTEBOOK_STUDIES.values() for n in ns}
+
+
+def test_findings_size_and_ledger_in_readme(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "02_split_softmax.ipynb").write_text("{}")
+    record_findings("02_split_softmax", [{"finding": "EM", "value": 0.5, "lo": 0.4, "hi": 0.6, "n": 200}],
+                    tmp_path / "figures", size="paper")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "manifest.json").write_text(json.dumps({
+        "model": "m", "command": "./dev figures paper  (x)", "machine": {"cpus": 2, "platform": "p"},
+        "studies": {"02_split_softmax": {"rows": 5, "expected": 10, "seconds": 7200, "store_bytes": 2**20,
+                                         "results_bytes": 2**19}}}))
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- gallery:start -->\n<!-- gallery:end -->\ny\n")
+    assert update_readme(readme, tmp_path / "figures", tmp_path / "notebooks", tmp_path / "results")
+    text = readme.read_text()
+    assert "| 0.50 | [0.40, 0.60] | 200 | paper |" in text
+    assert "| 02_split_softmax | 5 / 10 (running) | 2.0 h | 1.0 MiB | 0.50 MiB |" in text
