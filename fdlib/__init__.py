@@ -10,7 +10,9 @@ The layers, bottom up (each imports only those before it):
 - studies: `conditions` (the one condition type), `study` (the one runner and reader), `store`,
   `scoring`, `sweeps`, `longctx`, `retrieval`, `evaluate`;
 - data: `spans`, `data` (NQ), `tasks` (long-context tasks), `heads`;
-- views: `plots`, `explorer`, `gallery`, `exercises`.
+- views: `plots`, `explorer`, `gallery`, `exercises`;
+- runs: `workspace` (a size's stores and figures; committed results read-only), `paper` (the
+  paper-size run), `reproduce` (render the notebooks and the README).
 """
 
 from fdlib.conditions import Condition

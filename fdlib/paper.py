@@ -3,7 +3,8 @@ committed results files they render from.
 
     python -m fdlib.paper status                    # where each study stands, with an ETA
     python -m fdlib.paper run [--only 02 07]        # compute (resumes), then export
-    python -m fdlib.paper run --only 02 --shard 3/8 # one job of a cluster array (see scripts/)
+    python -m fdlib.paper run --only 02 --shard 3/8 # one job of a cluster array (scripts/paper_slurm.sh;
+                                                    # notebook 07 chooses on all train questions: unsharded)
     python -m fdlib.paper merge --only 02           # merge a sharded study's stores
     python -m fdlib.paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
 

@@ -132,8 +132,10 @@ class Workspace:
     def keep(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A study result that is not store rows (a JSON-able dict, e.g. the retrieval heads):
         read from the committed `results/<name>.json` when rendering, else computed once per size
-        into `runs/` and reused (a `paper` run's copy is what `export` commits)."""
-        path = self.results / f"{name}.json" if self.rendering else self.store(name).with_suffix(".json")
+        into `runs/` and reused (a `paper` run's copy is what `export` commits). Deterministic
+        computations only: every shard of a sharded run may compute it."""
+        # one copy for all shards of a run: each shard that needs it computes the same value
+        path = self.results / f"{name}.json" if self.rendering else self.input(name).with_suffix(".json")
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
         if self.rendering:
