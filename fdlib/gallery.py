@@ -87,6 +87,18 @@ def results_markdown(results: str | Path = "results") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _provenance(figures: Path, stem: str) -> str:
+    """What a notebook's figures rest on, from its findings file: the size and the largest n."""
+    data = figures / "data" / f"{stem}_findings.json"
+    if not data.exists():
+        return "no findings recorded (an illustration, not a study)"
+    got = json.loads(data.read_text(encoding="utf-8"))
+    ns = [f["n"] for f in got["findings"] if "n" in f]
+    size = got.get("size", "unrecorded")
+    text = f"size `{size}`" + (f", n up to {max(ns)}" if ns else "")
+    return text if size == "paper" else text + " (not yet rendered at `paper` size: its results are not committed yet)"
+
+
 def _figure_links(figures: Path, tag: str, prefix: str, rel: str) -> list[str]:
     out = []
     for png in sorted(figures.glob(f"{tag}_*.png")):
@@ -104,7 +116,8 @@ def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "n
     lines: list[str] = []
     for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
         links = _figure_links(figures, nb.stem[:2], prefix, "figures")
-        lines += [f"**[`{nb.stem}`]({prefix}notebooks/{nb.name})**" + ("" if links else ": no figure"), ""]
+        lines += [f"**[`{nb.stem}`]({prefix}notebooks/{nb.name})**" + ("" if links else ": no figure")
+                  + (f" — {_provenance(figures, nb.stem)}" if links else ""), ""]
         if links:
             lines += links + [""]
     lines += _findings_table(figures, notebooks, prefix, "figures")

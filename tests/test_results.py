@@ -196,9 +196,15 @@ def test_findings_size_and_ledger_in_readme(tmp_path):
         "model": "m", "command": "./dev figures paper  (x)", "machine": {"cpus": 2, "platform": "p"},
         "studies": {"02_split_softmax": {"rows": 5, "expected": 10, "seconds": 7200, "store_bytes": 2**20,
                                          "results_bytes": 2**19}}}))
+    (tmp_path / "notebooks" / "03_focus_directions.ipynb").write_text("{}")
+    (tmp_path / "figures" / "02_em_vs_k.png").write_bytes(b"png")
+    (tmp_path / "figures" / "03_em_vs_k.png").write_bytes(b"png")
+    record_findings("03_focus_directions", [{"finding": "EM", "value": 0.1, "n": 6}], tmp_path / "figures", size="quick")
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- gallery:start -->\n<!-- gallery:end -->\ny\n")
     assert update_readme(readme, tmp_path / "figures", tmp_path / "notebooks", tmp_path / "results")
     text = readme.read_text()
     assert "| 0.50 | [0.40, 0.60] | 200 | paper |" in text
+    assert "**[`02_split_softmax`](notebooks/02_split_softmax.ipynb)** — size `paper`, n up to 200\n" in text
+    assert "— size `quick`, n up to 6 (not yet rendered at `paper` size" in text  # says why it rests on fewer
     assert "| 02_split_softmax | 5 / 10 (running) | 2.0 h | 1.0 MiB | 0.50 MiB |" in text
