@@ -7,6 +7,7 @@ committed results files they render from.
                                                     # notebook 07 chooses on all train questions: unsharded)
     python -m fdlib.paper merge --only 02           # merge a sharded study's stores
     python -m fdlib.paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
+    python -m fdlib.paper run --from-results        # continue a committed run (another machine)
 
 `run` executes each notebook's code as a script with `FDLIB_SIZE=paper FDLIB_RECOMPUTE=1`, so the
 progress bar and ETA of every study show in the terminal; each study resumes from its store in
@@ -75,12 +76,18 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             shards = sorted(path.parent.glob(f"{name}.shard-*.sqlite")) if path.parent.exists() else []
             stores = [p for p in [path, *shards] if p.exists()]
             kept = path.with_suffix(".json")
-            expected = done = 0
+            # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
+            # every row), else the shards' sum; time: every store's, summed
+            counts: dict[Path, tuple[int, int]] = {}
             seconds = 0.0
             for p in stores:
                 with Store(p) as db:
-                    for row in db.progress():
-                        expected, done, seconds = expected + row["expected"], done + row["done"], seconds + row["seconds"]
+                    prog = db.progress()
+                counts[p] = (sum(r["expected"] for r in prog), sum(r["done"] for r in prog))
+                seconds += sum(r["seconds"] for r in prog)
+            main_counts = counts.get(path, (0, 0))
+            expected, done = main_counts if main_counts[0] else (
+                sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
             results = ws.results / (f"{name}.json" if name in KEPT else f"{name}{RESULTS_SUFFIX}")
             eta = (expected - done) * seconds / done if done and expected > done else 0.0
             out.append({
@@ -161,6 +168,26 @@ def write_manifest(ws: Workspace) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
 
 
+def seed_from_results(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
+    """Start each study's missing working store from its committed results file, so a run
+    continues where the committed one stopped (on another machine, or after `runs/` was lost).
+    Seeded rows are the committed ones (float16 arrays), not recomputed."""
+    out = []
+    for nb in notebooks:
+        for name in NOTEBOOK_STUDIES[nb]:
+            store, results = ws.store(name), ws.results / f"{name}{RESULTS_SUFFIX}"
+            if name in KEPT:
+                store, results = store.with_suffix(".json"), ws.results / f"{name}.json"
+                if results.exists() and not store.exists():
+                    store.parent.mkdir(parents=True, exist_ok=True)
+                    store.write_bytes(results.read_bytes())
+                    out.append(store)
+            elif results.exists() and not store.exists():
+                merge_stores([results], store)
+                out.append(store)
+    return out
+
+
 def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
     """Merge each study's shard stores into its unsharded store."""
     out = []
@@ -184,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
     ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument("--from-results", action="store_true",
+                    help="run: start missing working stores from the committed results (continue a committed run)")
     args = ap.parse_args(argv)
     root = Path(args.root)
     ws = _ws(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
@@ -195,6 +224,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.action == "export":
         print("\n".join(str(p) for p in export(ws, chosen)))
     else:
+        if args.from_results:
+            for p in seed_from_results(ws, chosen):
+                print(f"started {p} from the committed results", flush=True)
         print(f"paper-size run of {ws.model}; stores in {ws.runs / PAPER}. Where it stands:", flush=True)
         print(format_status(study_status(ws)), flush=True)
         for nb in chosen:

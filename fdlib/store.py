@@ -207,11 +207,12 @@ def load_results(path: str | Path) -> Store:
 
 
 def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
-    """Merge shard stores into one. A (sample, condition) present twice is kept once when both
-    copies have the same setup, and refused when they differ. Returns the target's row count."""
+    """Merge shard stores (or committed results files) into one. A (sample, condition) present
+    twice is kept once when both copies have the same setup, and refused when they differ.
+    Returns the target's row count."""
     with Store(target) as out:
         for src in sources:
-            with Store(src) as s:
+            with open_store(src) as s:
                 have = out.setups()
                 new = []
                 for r in s.rows():

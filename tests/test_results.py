@@ -147,6 +147,12 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     assert manifest["studies"]["02_split_softmax"]["rows"] == 15
     md = results_markdown(tmp_path / "results")
     assert "| 02_split_softmax | 15 / 15 |" in md
+    # another machine continues the committed run: its working store starts from the file
+    committed = written[0].read_bytes()
+    store.unlink()
+    assert paper.seed_from_results(ws, ["02_split_softmax"]) == [store]
+    assert paper.seed_from_results(ws, ["02_split_softmax"]) == []  # never over a working store
+    assert export_results(store, tmp_path / "again.jsonl.gz", arrays=False).read_bytes() == committed
 
 
 def test_merge_shards(tiny, tmp_path):
