@@ -214,3 +214,21 @@ def test_findings_size_and_ledger_in_readme(tmp_path):
     assert "**[`02_split_softmax`](notebooks/02_split_softmax.ipynb)** — size `paper`, n up to 200\n" in text
     assert "— size `quick`, n up to 6 (not yet rendered at `paper` size" in text  # says why it rests on fewer
     assert "| 02_split_softmax | 5 / 10 (running) | 2.0 h | 1.0 MiB | 0.50 MiB |" in text
+
+
+def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# a"),
+        nbformat.v4.new_code_cell("import os, json\nfrom fdlib.workspace import Workspace\nws = Workspace.from_env()"),
+        nbformat.v4.new_code_cell("json.dump([ws.size, ws.recompute, list(ws.shard), os.getcwd()], open('out.json', 'w'))"),
+    ])
+    path = tmp_path / "nbs" / "09_probe.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    ws = build_ws(tmp_path, size="paper", recompute=True, shard=(1, 3))
+    paper.run_notebook(path, ws)
+    size, recompute, shard, cwd = json.loads((path.parent / "out.json").read_text())
+    assert (size, recompute, shard, Path(cwd)) == ("paper", True, [1, 3], path.parent)
+    assert "# a" not in paper.notebook_script(path)  # code cells only
