@@ -79,17 +79,20 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
             # every row), else the shards' sum; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
-            seconds = 0.0
+            seconds, computed = 0.0, 0
             for p in stores:
                 with Store(p) as db:
                     prog = db.progress()
                 counts[p] = (sum(r["expected"] for r in prog), sum(r["done"] for r in prog))
                 seconds += sum(r["seconds"] for r in prog)
+                computed += sum(r["computed"] for r in prog)
             main_counts = counts.get(path, (0, 0))
             expected, done = main_counts if main_counts[0] else (
                 sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
             results = ws.results / (f"{name}.json" if name in KEPT else f"{name}{RESULTS_SUFFIX}")
-            eta = (expected - done) * seconds / done if done and expected > done else 0.0
+            # the rate of the rows decoded so far; a sharded study's shards run side by side
+            rate = seconds / computed / max(1, len([p for p in stores if p != path])) if computed else 0.0
+            eta = (expected - done) * rate
             out.append({
                 "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
                 "eta_seconds": round(eta, 1), "store_bytes": sum(p.stat().st_size for p in stores)

@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS progress (
     study    TEXT PRIMARY KEY, -- a run_study call's description and conditions
     expected INTEGER NOT NULL, -- rows that call asked for, stored ones included
     done     INTEGER NOT NULL, -- of them, the rows stored
-    seconds  REAL NOT NULL     -- wall time spent decoding them, summed over calls
+    seconds  REAL NOT NULL,    -- wall time spent decoding them, summed over calls
+    computed INTEGER NOT NULL DEFAULT 0 -- rows decoded in that time (the rest were stored before)
 )
 """
 RESULTS_SUFFIX = ".jsonl.gz"
@@ -80,6 +81,8 @@ class Store:
         self._db = sqlite3.connect(str(path))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        if "computed" not in {row[1] for row in self._db.execute("PRAGMA table_info(progress)")}:
+            self._db.execute("ALTER TABLE progress ADD COLUMN computed INTEGER NOT NULL DEFAULT 0")  # older stores
         self._db.commit()
 
     def _writable(self) -> None:
@@ -128,21 +131,23 @@ class Store:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM study_rows").fetchone()[0])
 
-    def note_progress(self, study: str, *, expected: int, done: int, seconds: float = 0.0) -> None:
-        """Record where a study stands: rows asked for, rows stored, and `seconds` more spent."""
+    def note_progress(self, study: str, *, expected: int, done: int, seconds: float = 0.0, computed: int = 0) -> None:
+        """Record where a study stands: rows asked for, rows stored, and `seconds` more spent
+        decoding `computed` more rows."""
         if self.read_only:
             return
         with self._db:
             self._db.execute(
-                "INSERT INTO progress VALUES (?, ?, ?, ?) ON CONFLICT(study) DO UPDATE SET "
-                "expected=excluded.expected, done=excluded.done, seconds=progress.seconds + excluded.seconds",
-                (study, int(expected), int(done), float(seconds)),
+                "INSERT INTO progress (study, expected, done, seconds, computed) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(study) DO UPDATE SET expected=excluded.expected, done=excluded.done, "
+                "seconds=progress.seconds + excluded.seconds, computed=progress.computed + excluded.computed",
+                (study, int(expected), int(done), float(seconds), int(computed)),
             )
 
     def progress(self) -> list[dict[str, Any]]:
-        """Per study run into this store: expected rows, stored rows, seconds spent."""
-        cur = self._db.execute("SELECT study, expected, done, seconds FROM progress ORDER BY rowid")
-        return [dict(study=s, expected=e, done=d, seconds=t) for s, e, d, t in cur]
+        """Per study run into this store: expected rows, stored rows, seconds spent, rows decoded."""
+        cur = self._db.execute("SELECT study, expected, done, seconds, computed FROM progress ORDER BY rowid")
+        return [dict(study=s, expected=e, done=d, seconds=t, computed=c) for s, e, d, t, c in cur]
 
 
 @contextlib.contextmanager

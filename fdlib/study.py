@@ -401,7 +401,7 @@ def run_study(
             db.put(rows)  # one transaction per sample: a kill loses at most the samples in flight
             done += len(rows)
             now = time.perf_counter()
-            db.note_progress(study, expected=expected, done=done, seconds=now - clock)
+            db.note_progress(study, expected=expected, done=done, seconds=now - clock, computed=len(rows))
             clock = now
             bar.update(len(rows))
         bar.close()

@@ -135,6 +135,7 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     with Store(store) as db:
         rows = db.progress()
     assert [(r["expected"], r["done"]) for r in rows] == [(6, 6), (9, 9)] and all(r["seconds"] > 0 for r in rows)
+    assert [r["computed"] for r in rows] == [6, 3]  # the rerun decoded only the new sample
     status = {r["study"]: r for r in paper.study_status(ws)}
     assert status["02_split_softmax"]["rows"] == 15 and status["02_split_softmax"]["state"] == "started"
     assert status["03_focus"]["state"] == "not started"
@@ -153,6 +154,20 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     assert paper.seed_from_results(ws, ["02_split_softmax"]) == [store]
     assert paper.seed_from_results(ws, ["02_split_softmax"]) == []  # never over a working store
     assert export_results(store, tmp_path / "again.jsonl.gz", arrays=False).read_bytes() == committed
+
+
+def test_store_of_an_older_schema_gains_the_computed_column(tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute("CREATE TABLE progress (study TEXT PRIMARY KEY, expected INTEGER NOT NULL, done INTEGER NOT NULL, "
+               "seconds REAL NOT NULL)")
+    db.execute("INSERT INTO progress VALUES ('s', 4, 2, 1.5)")
+    db.commit()
+    db.close()
+    with Store(tmp_path / "old.sqlite") as store:
+        store.note_progress("s", expected=4, done=3, seconds=0.5, computed=1)
+        assert store.progress() == [dict(study="s", expected=4, done=3, seconds=2.0, computed=1)]
 
 
 def test_merge_shards(tiny, tmp_path):
