@@ -132,18 +132,22 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
     """Write `{name}.html` (interactive) and `{name}.png` (kaleido, which needs a Chromium:
     Debian's `chromium` package works). Returns the paths.
 
-    The HTML loads `plotly.min.js` from its own directory (written once): it opens offline and
-    each figure stays a few kB instead of carrying its own 4.8 MB copy of plotly.js.
+    The HTML loads `plotly.min.js` from its own directory, or from the parent's when that has
+    one (a model's subfolder of the gallery), written once: it opens offline and each figure
+    stays a few kB instead of carrying its own 4.8 MB copy of plotly.js.
     """
     directory = Path(directory)
     html = directory / f"{name}.html"
-    js = directory / "plotly.min.js"
+    src = "plotly.min.js"
+    if (directory.parent / src).is_file() and not (directory / src).is_file():
+        src = f"../{src}"
+    js = directory / src
     if not js.is_file():
         from plotly.offline import get_plotlyjs
 
         atomic_write(js, lambda p: Path(p).write_text(get_plotlyjs(), encoding="utf-8"))
     # A fixed div id keeps a regenerated figure byte-identical when its data did not change.
-    atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs="plotly.min.js", full_html=True, div_id=name))
+    atomic_write(html, lambda p: fig.write_html(p, include_plotlyjs=src, full_html=True, div_id=name))
     written = [html]
     if png:
         target = directory / f"{name}.png"

@@ -111,3 +111,13 @@ def test_key_bias_and_loss_curves():
         plots.key_bias([0.1, 0.2], ["a", "b"], [(1, 3)], None, head="x")
     fig = plots.loss_curves({"gold": [-0.1, -0.2], "long": [-0.05, -0.06]})
     assert [d.name for d in fig.data] == ["gold", "long"] and list(fig.data[0].x) == [1, 2]
+
+
+def test_save_figure_in_a_model_subfolder_shares_the_galleries_plotly(tmp_path):
+    fig = plots.head_heatmap(torch.rand(3, 2))
+    plots.save_figure(fig, "x", tmp_path, png=False)
+    plots.save_figure(fig, "y", tmp_path / "gemma-3-270m", png=False)
+    assert 'src="../plotly.min.js"' in (tmp_path / "gemma-3-270m" / "y.html").read_text()
+    assert not (tmp_path / "gemma-3-270m" / "plotly.min.js").exists()
+    plots.save_figure(fig, "z", tmp_path / "alone", png=False)  # no parent copy: its own
+    assert (tmp_path / "alone" / "plotly.min.js").is_file()
