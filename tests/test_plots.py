@@ -119,5 +119,5 @@ def test_save_figure_in_a_model_subfolder_shares_the_galleries_plotly(tmp_path):
     plots.save_figure(fig, "y", tmp_path / "gemma-3-270m", png=False)
     assert 'src="../plotly.min.js"' in (tmp_path / "gemma-3-270m" / "y.html").read_text()
     assert not (tmp_path / "gemma-3-270m" / "plotly.min.js").exists()
-    plots.save_figure(fig, "z", tmp_path / "alone", png=False)  # no parent copy: its own
-    assert (tmp_path / "alone" / "plotly.min.js").is_file()
+    plots.save_figure(fig, "z", tmp_path / "elsewhere" / "alone", png=False)  # no copy in the parent: its own
+    assert (tmp_path / "elsewhere" / "alone" / "plotly.min.js").is_file()
