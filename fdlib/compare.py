@@ -17,6 +17,8 @@ it is scored on; on the test questions each chosen setting runs beside its rando
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -51,10 +53,15 @@ class Method:
     candidates: tuple[Condition, ...]
 
 
-def methods(size: str = "quick", *, target_sink: float, directions: str = "gold", shuffled: str | None = "shuffled") -> list[Method]:
+def methods(size: str = "quick", *, target_sink: float, directions: str = "gold", shuffled: str | None = "shuffled",
+            shuffled_scale: float = 1.0) -> list[Method]:
     """The compared methods on the "contextual" ranking, with the size's grid of settings.
     `target_sink` drives the automatic alpha; `directions` / `shuffled` name the directions sets
-    (trained on gold-anchored and on shuffled prompts; `shuffled=None` leaves that method out)."""
+    (trained on gold-anchored and on shuffled prompts; `shuffled=None` leaves that method out).
+    The position-free set's alphas are the grid's times `shuffled_scale` (rounded to 0.01), e.g.
+    `norm_ratio` of the two sets, so that both grids push the heads equally hard."""
+    if not (math.isfinite(shuffled_scale) and shuffled_scale > 0):
+        raise ValueError(f"shuffled_scale must be a positive number, got {shuffled_scale!r}")
     g = GRIDS[size] if size in GRIDS else GRIDS["quick"]
     ks = g["ks"]
     out = [
@@ -69,8 +76,21 @@ def methods(size: str = "quick", *, target_sink: float, directions: str = "gold"
     ]
     if shuffled is not None:
         out.append(Method("position-free directions", "label-free",
-                          tuple(Condition.focus(a, shuffled, "contextual", k) for a in g["alpha"] for k in ks)))
+                          tuple(Condition.focus(round(a * shuffled_scale, 2), shuffled, "contextual", k)
+                                for a in g["alpha"] for k in ks)))
     return out
+
+
+def norm_ratio(first: FocusDirections, second: FocusDirections, heads: Sequence[Head]) -> float:
+    """Mean |d_Q| of `first` over `heads` / that of `second`: how much harder the first pushes
+    the same heads at the same alpha."""
+    if not heads:
+        raise ValueError("norm_ratio needs at least one head")
+    idx = tuple(torch.tensor(h) for h in zip(*heads))
+    a, b = first.d_q[idx].norm(dim=-1).mean(), second.d_q[idx].norm(dim=-1).mean()
+    if not b > 0:
+        raise ValueError("the second directions set has d_Q = 0 on these heads")
+    return float(a / b)
 
 
 def target_sink(gold_sink: Any, heads: Sequence[Head]) -> float:

@@ -87,3 +87,25 @@ def test_end_to_end_on_the_tiny_model(tiny):
     t = compare.comparison_table(test, best, ms, RANKED[:5])
     assert len(t) == 1 + 2 * len(ms) and set(t.family) == {"baseline", "label-using", "label-free", "random-head control"}
     assert (t[t.family != "baseline"].n == 1).all()
+
+
+def test_position_free_alphas_scaled_to_push_as_hard():
+    import torch
+
+    from fdlib.directions import FocusDirections
+
+    dq = torch.zeros(2, 4, 3)
+    dq[1, 2] = torch.tensor([3.0, 4.0, 0.0])  # |d_Q| 5 on L1H2
+    dq[0, 1] = torch.tensor([0.0, 0.0, 1.0])  # 1 on L0H1
+    strong = FocusDirections(dq, torch.zeros_like(dq), "m", "post_rope")
+    weak = FocusDirections(dq / 4, torch.zeros_like(dq), "m", "post_rope")
+    assert compare.norm_ratio(strong, weak, [(1, 2), (0, 1)]) == pytest.approx(4.0)
+    ms = compare.methods("full", target_sink=0.3, shuffled_scale=compare.norm_ratio(strong, weak, [(1, 2)]))
+    free = {m.name: m for m in ms}["position-free directions"]
+    gold = {m.name: m for m in ms}["focus directions"]
+    assert sorted({c.value for c in free.candidates}) == [4 * c for c in sorted({c.value for c in gold.candidates})]
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="shuffled_scale"):
+            compare.methods("quick", target_sink=0.3, shuffled_scale=bad)
+    with pytest.raises(ValueError, match="d_Q = 0"):
+        compare.norm_ratio(strong, weak, [(0, 0)])
