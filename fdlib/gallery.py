@@ -77,7 +77,7 @@ def results_markdown(results: str | Path = "results") -> str:
     machine = m.get("machine", {})
     lines = [f"Paper-size run of `{m['model']}` (`{m['command'].split('  ')[0]}`), on {machine.get('cpus', '?')} CPUs "
              f"({machine.get('platform', '?')}):", "",
-             "| study | rows stored / asked for | wall time | working store | committed file |",
+             "| study | rows stored / asked for | decoding time (summed over jobs) | working store | committed file |",
              "| --- | --- | --- | --- | --- |"]
     for name, r in sorted(m["studies"].items()):
         done = f"{r['rows']:,} / {r['expected']:,}" if r.get("expected") else "kept (not store rows)"

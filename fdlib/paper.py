@@ -98,7 +98,8 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
                 "eta_seconds": round(eta, 1), "store_bytes": sum(p.stat().st_size for p in stores)
                 + (kept.stat().st_size if kept.exists() else 0),
                 "results_bytes": results.stat().st_size if results.exists() else 0,
-                "state": "kept" if kept.exists() else ("started" if stores else "not started"),
+                "state": "kept" if kept.exists() else (
+                    "not started" if not stores else "complete" if expected and done == expected else "started"),
             })
     return out
 

@@ -141,7 +141,7 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     with Store(store) as db:
         assert len(db.progress()) == 3
     status = {r["study"]: r for r in paper.study_status(ws)}
-    assert status["02_split_softmax"]["rows"] == 18 and status["02_split_softmax"]["state"] == "started"
+    assert status["02_split_softmax"]["rows"] == 18 and status["02_split_softmax"]["state"] == "complete"
     assert status["03_focus"]["state"] == "not started"
     assert "02_split_softmax" in paper.format_status(list(status.values()))
     written = paper.export(ws, ["02_split_softmax"])
