@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -127,7 +128,14 @@ def run_notebook(path: Path, ws: Workspace) -> float:
     env = {**os.environ, "FDLIB_SIZE": PAPER, "FDLIB_RECOMPUTE": "1", "FDLIB_MODEL": ws.model,
            "FDLIB_SHARD": f"{ws.shard[0]}/{ws.shard[1]}", "MPLBACKEND": "Agg"}
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", notebook_script(path)], cwd=path.parent, env=env, check=True)
+    child = subprocess.Popen([sys.executable, "-c", notebook_script(path)], cwd=path.parent, env=env)
+    try:
+        if child.wait() != 0:
+            raise subprocess.CalledProcessError(child.returncode, f"{path.name} (as a script)")
+    finally:  # interrupted (Ctrl-C, or SIGTERM: see main): the study stops with us, at a sample boundary at worst
+        if child.poll() is None:
+            child.terminate()
+            child.wait()
     return time.perf_counter() - start
 
 
@@ -218,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--from-results", action="store_true",
                     help="run: start missing working stores from the committed results (continue a committed run)")
     args = ap.parse_args(argv)
+    # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(args.root)
     ws = _ws(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
     chosen = _chosen(args.only)

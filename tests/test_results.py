@@ -251,3 +251,31 @@ def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
     size, recompute, shard, cwd = json.loads((path.parent / "out.json").read_text())
     assert (size, recompute, shard, Path(cwd)) == ("paper", True, [1, 3], path.parent)
     assert "# a" not in paper.notebook_script(path)  # code cells only
+
+
+def test_stopping_the_run_stops_the_notebook(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import nbformat
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    cell = "import os, time\nopen('child.pid', 'w').write(str(os.getpid()))\ntime.sleep(60)"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), nbs / "01_contextual_heads.ipynb")
+    run = subprocess.Popen([sys.executable, "-m", "fdlib.paper", "run", "--only", "01", "--root", str(tmp_path)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = nbs / "child.pid"
+    for _ in range(300):
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=30) != 0
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the notebook's process is gone too
