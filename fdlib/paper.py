@@ -123,10 +123,16 @@ def notebook_script(path: Path) -> str:
     return "\n\n".join(c.source for c in nb.cells if c.cell_type == "code")
 
 
-def run_notebook(path: Path, ws: Workspace) -> float:
-    """Run a notebook's code at `paper` size, computing, its progress bars on this terminal."""
+def run_notebook(path: Path, ws: Workspace, threads: int | None = None) -> float:
+    """Run a notebook's code at `paper` size, computing, its progress bars on this terminal.
+    `threads` caps torch's threads (OMP_NUM_THREADS): give each job of a shared machine its
+    share of the cores, since oversubscribed OpenMP threads spin and a study can run 5x slower."""
     env = {**os.environ, "FDLIB_SIZE": PAPER, "FDLIB_RECOMPUTE": "1", "FDLIB_MODEL": ws.model,
            "FDLIB_SHARD": f"{ws.shard[0]}/{ws.shard[1]}", "MPLBACKEND": "Agg"}
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        env["OMP_NUM_THREADS"] = str(threads)
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", notebook_script(path)], cwd=path.parent, env=env)
     try:
@@ -223,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
     ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
     ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
+    ap.add_argument("--threads", type=int, help="torch threads per notebook (default: all cores; give each job of a "
+                                                "shared machine its share)")
     ap.add_argument("--from-results", action="store_true",
                     help="run: start missing working stores from the committed results (continue a committed run)")
     args = ap.parse_args(argv)
@@ -245,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(format_status(study_status(ws)), flush=True)
         for nb in chosen:
             print(f"\n== {nb} ==", flush=True)
-            seconds = run_notebook(root / "notebooks" / f"{nb}.ipynb", ws)
+            seconds = run_notebook(root / "notebooks" / f"{nb}.ipynb", ws, args.threads)
             print(f"{nb}: {_hms(seconds)}", flush=True)
             if not ws.sharded:
                 export(ws, [nb])

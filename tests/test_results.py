@@ -241,15 +241,16 @@ def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("# a"),
         nbformat.v4.new_code_cell("import os, json\nfrom fdlib.workspace import Workspace\nws = Workspace.from_env()"),
-        nbformat.v4.new_code_cell("json.dump([ws.size, ws.recompute, list(ws.shard), os.getcwd()], open('out.json', 'w'))"),
+        nbformat.v4.new_code_cell("json.dump([ws.size, ws.recompute, list(ws.shard), os.getcwd(), "
+                                  "os.environ.get('OMP_NUM_THREADS')], open('out.json', 'w'))"),
     ])
     path = tmp_path / "nbs" / "09_probe.ipynb"
     path.parent.mkdir()
     nbformat.write(nb, path)
     ws = build_ws(tmp_path, size="paper", recompute=True, shard=(1, 3))
-    paper.run_notebook(path, ws)
-    size, recompute, shard, cwd = json.loads((path.parent / "out.json").read_text())
-    assert (size, recompute, shard, Path(cwd)) == ("paper", True, [1, 3], path.parent)
+    paper.run_notebook(path, ws, threads=1)
+    size, recompute, shard, cwd, threads = json.loads((path.parent / "out.json").read_text())
+    assert (size, recompute, shard, Path(cwd), threads) == ("paper", True, [1, 3], path.parent, "1")
     assert "# a" not in paper.notebook_script(path)  # code cells only
 
 
