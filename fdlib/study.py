@@ -388,7 +388,8 @@ def run_study(
             missing = {s.id for pending in todo for s, _ in pending}
             held = [s for group in mine for s in group if not any(t.id in missing for t in group)]
             return study_frame(db, conditions, samples=held)
-        digest = hashlib.sha256("\n".join(c.key for c in conditions).encode()).hexdigest()[:8]
+        ids = [s.id for group in mine for s in group]
+        digest = hashlib.sha256("\n".join([c.key for c in conditions] + ids).encode()).hexdigest()[:8]
         study = f"{desc}: {len(conditions)} conditions ({digest}), {sum(len(g) for g in mine)} prompts, shard {i}/{n}"
         done = expected - sum(len(t) for t in todo)
         db.note_progress(study, expected=expected, done=done)

@@ -136,12 +136,13 @@ def test_progress_ledger_and_status(tiny, tmp_path):
         rows = db.progress()
     assert [(r["expected"], r["done"]) for r in rows] == [(6, 6), (9, 9)] and all(r["seconds"] > 0 for r in rows)
     assert [r["computed"] for r in rows] == [6, 3]  # the rerun decoded only the new sample
+    _run(tiny, store, fake_samples(6)[3:])  # the same conditions over other prompts: its own line too
     # another call (other conditions) over as many prompts keeps its own line
     run_study(tiny.model, fake_samples(3, "gold"), [Condition.baseline("gold")], store=store, progress=False, max_new_tokens=6)
     with Store(store) as db:
-        assert len(db.progress()) == 3
+        assert len(db.progress()) == 4
     status = {r["study"]: r for r in paper.study_status(ws)}
-    assert status["02_split_softmax"]["rows"] == 18 and status["02_split_softmax"]["state"] == "complete"
+    assert status["02_split_softmax"]["rows"] == 27 and status["02_split_softmax"]["state"] == "complete"
     assert status["03_focus"]["state"] == "not started"
     assert "02_split_softmax" in paper.format_status(list(status.values()))
     written = paper.export(ws, ["02_split_softmax"])
@@ -149,9 +150,9 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     with gzip.open(written[0], "rt") as f:
         assert all("arrays" in json.loads(line) and not json.loads(line)["arrays"] for line in f)  # EM grid: no arrays
     manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
-    assert manifest["studies"]["02_split_softmax"]["rows"] == 18
+    assert manifest["studies"]["02_split_softmax"]["rows"] == 27
     md = results_markdown(tmp_path / "results")
-    assert "| 02_split_softmax | 18 / 18 |" in md
+    assert "| 02_split_softmax | 27 / 27 |" in md
     # another machine continues the committed run: its working store starts from the file
     committed = written[0].read_bytes()
     store.unlink()
