@@ -105,9 +105,9 @@ def task_suite(
     builder = NQBuilder(model.tokenizer)  # one BM25 index for the NQ tasks
     out = []
     for length in lengths:
+        n = per_length.get(length, max(per_length.values())) if isinstance(per_length, dict) else per_length
         for name in tasks:
             extra = {"builder": builder} if name in NQ_TASKS else {}
-            n = per_length.get(length, max(per_length.values())) if isinstance(per_length, dict) else per_length
             for s in task_samples(name, model, n_tokens=length - max_new_tokens, size=n, seed=seed, **extra):
                 out.append(StudySample(s, {"task": name, "length": length, "n_tokens": s.n_tokens, "depth": s.depth}))
     return out

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fdlib.store import RESULTS_SUFFIX, Store, export_results, merge_stores
+from fdlib.store import Store, atomic_write, export_results, merge_stores
 from fdlib.workspace import PAPER, Workspace
 
 # The stores each notebook's studies keep (`Workspace.store` names), in run order. A notebook
@@ -53,6 +53,26 @@ def _ws(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Works
     return Workspace(model or DEFAULT_MODEL, PAPER, recompute=True, shard=shard, root=root)
 
 
+def committed_file(ws: Workspace, name: str) -> Path:
+    """The committed results file of study `name`."""
+    return ws.committed(name, kept=name in KEPT)
+
+
+def working_file(ws: Workspace, name: str) -> Path:
+    """The unsharded working store (or `keep` JSON) of study `name` in `runs/paper/`."""
+    return ws.kept_file(name) if name in KEPT else ws.input(name)
+
+
+def shard_stores(ws: Workspace, name: str) -> list[Path]:
+    """The shard stores of study `name`, beside its working store."""
+    folder = working_file(ws, name).parent
+    return sorted(folder.glob(f"{name}.shard-*.sqlite")) if folder.exists() else []
+
+
+def _copy(source: Path, target: Path) -> Path:
+    return atomic_write(target, lambda tmp: Path(tmp).write_bytes(source.read_bytes()))
+
+
 def _chosen(only: Sequence[str] | None) -> list[str]:
     if not only:
         return list(NOTEBOOK_STUDIES)
@@ -69,14 +89,13 @@ def _hms(seconds: float) -> str:
 
 
 def study_status(ws: Workspace) -> list[dict[str, Any]]:
-    """Per study: rows stored vs asked for, wall time so far, an ETA, store and results sizes."""
+    """Per study: rows stored vs asked for, decoding time so far, an ETA, store and results sizes."""
     out = []
     for nb, names in NOTEBOOK_STUDIES.items():
         for name in names:
-            path = ws.store(name)
-            shards = sorted(path.parent.glob(f"{name}.shard-*.sqlite")) if path.parent.exists() else []
-            stores = [p for p in [path, *shards] if p.exists()]
-            kept = path.with_suffix(".json")
+            path = working_file(ws, name)
+            kept = name in KEPT and path.exists()  # a `keep` JSON: no rows, no ledger
+            stores = [] if name in KEPT else [p for p in [path, *shard_stores(ws, name)] if p.exists()]
             # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
             # every row), else the shards' sum; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
@@ -90,16 +109,16 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             main_counts = counts.get(path, (0, 0))
             expected, done = main_counts if main_counts[0] else (
                 sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
-            results = ws.results / (f"{name}.json" if name in KEPT else f"{name}{RESULTS_SUFFIX}")
+            results = committed_file(ws, name)
             # the rate of the rows decoded so far; a sharded study's shards run side by side
             rate = seconds / computed / max(1, len([p for p in stores if p != path])) if computed else 0.0
             eta = (expected - done) * rate
             out.append({
                 "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
-                "eta_seconds": round(eta, 1), "store_bytes": sum(p.stat().st_size for p in stores)
-                + (kept.stat().st_size if kept.exists() else 0),
+                "eta_seconds": round(eta, 1),
+                "store_bytes": sum(p.stat().st_size for p in stores) + (path.stat().st_size if kept else 0),
                 "results_bytes": results.stat().st_size if results.exists() else 0,
-                "state": "kept" if kept.exists() else (
+                "state": "kept" if kept else (
                     "not started" if not stores else "complete" if expected and done == expected else "started"),
             })
     return out
@@ -151,17 +170,11 @@ def export(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
     written = []
     for nb in notebooks:
         for name in NOTEBOOK_STUDIES[nb]:
-            store = ws.store(name)
-            if name in KEPT:
-                kept = store.with_suffix(".json")
-                if kept.exists():
-                    target = ws.results / f"{name}.json"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(kept.read_bytes())
-                    written.append(target)
-            elif store.exists():
-                written.append(export_results(store, ws.results / f"{name}{RESULTS_SUFFIX}",
-                                              arrays=ARRAYS.get(name, True)))
+            source, target = working_file(ws, name), committed_file(ws, name)
+            if not source.exists():
+                continue
+            written.append(_copy(source, target) if name in KEPT
+                           else export_results(source, target, arrays=ARRAYS.get(name, True)))
     write_manifest(ws)
     return written
 
@@ -169,8 +182,6 @@ def export(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
 def write_manifest(ws: Workspace) -> Path:
     """`results/manifest.json`: per study its rows, wall time and sizes, and how they were made."""
     import torch
-
-    from fdlib.store import atomic_write
 
     path = ws.results / "manifest.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
@@ -193,15 +204,12 @@ def seed_from_results(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
     out = []
     for nb in notebooks:
         for name in NOTEBOOK_STUDIES[nb]:
-            store, results = ws.store(name), ws.results / f"{name}{RESULTS_SUFFIX}"
-            if name in KEPT:
-                store, results = store.with_suffix(".json"), ws.results / f"{name}.json"
-                if results.exists() and not store.exists():
-                    store.parent.mkdir(parents=True, exist_ok=True)
-                    store.write_bytes(results.read_bytes())
-                    out.append(store)
-            elif results.exists() and not store.exists():
-                merge_stores([results], store)
+            store, results = working_file(ws, name), committed_file(ws, name)
+            if results.exists() and not store.exists():
+                if name in KEPT:
+                    _copy(results, store)
+                else:
+                    merge_stores([results], store)
                 out.append(store)
     return out
 
@@ -211,11 +219,10 @@ def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
     out = []
     for nb in notebooks:
         for name in NOTEBOOK_STUDIES[nb]:
-            target = ws.store(name)
-            shards = sorted(target.parent.glob(f"{name}.shard-*.sqlite"))
+            shards = shard_stores(ws, name)
             if shards:
-                merge_stores(shards, target)
-                out.append(target)
+                out.append(working_file(ws, name))
+                merge_stores(shards, out[-1])
     return out
 
 

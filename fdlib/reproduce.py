@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from fdlib.paper import KEPT, NOTEBOOK_STUDIES
-from fdlib.store import RESULTS_SUFFIX
+from fdlib.paper import NOTEBOOK_STUDIES, committed_file
 from fdlib.workspace import PAPER, Workspace
 
 
@@ -27,8 +26,7 @@ def missing_results(notebook: str, ws: Workspace) -> list[Path]:
     if notebook not in NOTEBOOK_STUDIES:
         return []  # the workshop and the explorer compute what they show
     names = dict.fromkeys(("01_contextual",) + NOTEBOOK_STUDIES[notebook])
-    paths = [ws.results / (f"{n}.json" if n in KEPT else f"{n}{RESULTS_SUFFIX}") for n in names]
-    return [p for p in paths if not p.exists()]
+    return [p for p in (committed_file(ws, n) for n in names) if not p.exists()]
 
 
 def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = None) -> None:

@@ -73,11 +73,11 @@ class Store:
     """A results table in one SQLite file (`":memory:"` for a throwaway one). A read-only store
     (a committed results file, see `load_results`) refuses every write."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, source: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, source: str | None = None) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.path = source or str(path)
-        self.read_only = read_only
+        self.read_only = False  # set by `load_results` once its rows are in
         self._db = sqlite3.connect(str(path))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
@@ -148,6 +148,14 @@ class Store:
         """Per study run into this store: expected rows, stored rows, seconds spent, rows decoded."""
         cur = self._db.execute("SELECT study, expected, done, seconds, computed FROM progress ORDER BY rowid")
         return [dict(study=s, expected=e, done=d, seconds=t, computed=c) for s, e, d, t, c in cur]
+
+
+def check_shard(shard: tuple[int, int]) -> tuple[int, int]:
+    """`(i, n)`: this job's share i of n of a study's samples (and of its store); checked."""
+    i, n = shard
+    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    return i, n
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ from fdlib.interventions import ablate_heads, reweight_span
 from fdlib.models import model_name
 from fdlib.scoring import KINDS, kind_scores
 from fdlib.spans import Span
-from fdlib.store import Row, Store, open_store
+from fdlib.store import Row, Store, check_shard, open_store
 
 Engine = Literal["batched", "sequential"]
 DECODING = "greedy; stop at eos, or at a newline once the answer has text"
@@ -348,9 +348,7 @@ def run_study(
     and nothing is decoded. The store's `progress` table follows the call (rows asked for and
     stored, wall time), for `python -m fdlib.paper status`.
     """
-    i, n = shard
-    if not (isinstance(i, int) and isinstance(n, int) and n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    i, n = check_shard(shard)
     if engine not in ("batched", "sequential"):
         raise ValueError(f"engine must be 'batched' or 'sequential', got {engine!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -390,7 +388,7 @@ def run_study(
             return study_frame(db, conditions, samples=held)
         ids = [s.id for group in mine for s in group]
         digest = hashlib.sha256("\n".join([c.key for c in conditions] + ids).encode()).hexdigest()[:8]
-        study = f"{desc}: {len(conditions)} conditions ({digest}), {sum(len(g) for g in mine)} prompts, shard {i}/{n}"
+        study = f"{desc}: {len(conditions)} conditions ({digest}), {len(ids)} prompts, shard {i}/{n}"
         done = expected - sum(len(t) for t in todo)
         db.note_progress(study, expected=expected, done=done)
         bar = tqdm(total=expected, initial=done, desc=desc, unit="row", disable=not progress)

@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fdlib.data import SIZES, parse_size, sized
-from fdlib.store import RESULTS_SUFFIX, atomic_write
+from fdlib.store import RESULTS_SUFFIX, atomic_write, check_shard
 
 PAPER = "paper"
 
@@ -35,9 +35,9 @@ def model_slug(model: str) -> str:
 def parse_shard(text: str) -> tuple[int, int]:
     """`"i/n"` -> (i, n), checked."""
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
-    if not m or not int(m[1]) < int(m[2]):
+    if not m:
         raise ValueError(f"a shard is 'i/n' with 0 <= i < n, got {text!r}")
-    return int(m[1]), int(m[2])
+    return check_shard((int(m[1]), int(m[2])))
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,7 @@ class Workspace:
 
     def __post_init__(self) -> None:
         sized(SIZES, self.size)  # a size name or a positive count, else a ValueError naming them
-        i, n = self.shard
-        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
-            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {self.shard!r}")
-        if self.rendering and n > 1:
+        if check_shard(self.shard)[1] > 1 and self.rendering:
             raise ValueError("a sharded run computes: set recompute=True (FDLIB_RECOMPUTE=1) with a shard")
         object.__setattr__(self, "root", Path(self.root))
 
@@ -118,7 +115,7 @@ class Workspace:
         if not re.fullmatch(r"\d\d_[a-z0-9_]+", name):
             raise ValueError(f"a study name looks like '02_split_softmax', got {name!r}")
         if self.rendering:
-            return self.results / f"{name}{RESULTS_SUFFIX}"
+            return self.committed(name)
         if self.size == PAPER:
             suffix = f".shard-{self.shard[0]}-of-{self.shard[1]}" if self.sharded else ""
             return self.runs / PAPER / f"{name}{suffix}.sqlite"
@@ -127,15 +124,24 @@ class Workspace:
     def input(self, name: str) -> Path:
         """The store of an earlier notebook's study read as an input (the head ranking): as
         `store`, but never a shard's (a sharded stage runs after the merge of the one before)."""
-        return Workspace(self.model, self.size, self.recompute, (0, 1), self.root).store(name)
+        return replace(self, shard=(0, 1)).store(name)
+
+    def committed(self, name: str, *, kept: bool = False) -> Path:
+        """The committed results file of study `name`: store rows (`.jsonl.gz`) or, for a
+        `keep` result, its JSON."""
+        return self.results / (f"{name}.json" if kept else f"{name}{RESULTS_SUFFIX}")
+
+    def kept_file(self, name: str) -> Path:
+        """Where `keep` reads and writes `name`: the committed JSON when rendering, else one
+        working copy for all shards of a run."""
+        return self.committed(name, kept=True) if self.rendering else self.input(name).with_suffix(".json")
 
     def keep(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """A study result that is not store rows (a JSON-able dict, e.g. the retrieval heads):
         read from the committed `results/<name>.json` when rendering, else computed once per size
         into `runs/` and reused (a `paper` run's copy is what `export` commits). Deterministic
         computations only: every shard of a sharded run may compute it."""
-        # one copy for all shards of a run: each shard that needs it computes the same value
-        path = self.results / f"{name}.json" if self.rendering else self.input(name).with_suffix(".json")
+        path = self.kept_file(name)
         if path.exists():
             return json.loads(path.read_text(encoding="utf-8"))
         if self.rendering:
