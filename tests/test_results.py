@@ -181,6 +181,10 @@ def test_merge_shards(tiny, tmp_path):
         ws = build_ws(tmp_path, size="paper", recompute=True, shard=(i, 2))
         _run(tiny, ws.store("02_split_softmax"), samples, shard=(i, 2))
     ws = build_ws(tmp_path, size="paper", recompute=True)
+    by_shard = build_ws(tmp_path, size="paper", recompute=True, shard=(1, 2))
+    status = {r["study"]: r for r in paper.study_status(ws)}["02_split_softmax"]
+    assert (status["rows"], status["expected"]) == (len(samples) * len(CONDS),) * 2  # each shard counted once
+    assert paper.study_status(by_shard) == paper.study_status(ws)  # whichever job asks
     assert paper.merge(ws, ["02_split_softmax"]) == [ws.store("02_split_softmax")]
     whole = _run(tiny, tmp_path / "whole.sqlite", samples)
     merged = study_frame(ws.store("02_split_softmax"), CONDS, samples=samples)
