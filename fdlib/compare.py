@@ -35,6 +35,8 @@ from fdlib.heads import Head
 POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
 QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper": {"train": 50, "test": 200},
                                         "full": {"train": 50, "test": 200}}
+# probe prompts (gold at position 10) of the key-bias view: two prefills per probe, head and set
+BIAS_PROBES: dict[str, int] = {"quick": 1, "paper": 10, "full": 20}
 GRIDS: dict[str, dict[str, tuple]] = {
     "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,)),
     "full": dict(ks=(5, 10, 20), split=(0.05, 0.1, 0.3, 0.6), odds=(0.001, 0.01, 0.1), boost=(3.0, 7.0, 11.0, 19.0),
@@ -208,3 +210,33 @@ def bias_shares(
                          "first": float(w[:first].sum()), "gold_tokens": len(gold) / s.n_tokens,
                          "first_tokens": min(first, s.n_tokens) / s.n_tokens})
     return pd.DataFrame(rows)
+
+
+def position_prior(
+    model: TransformerBridge, samples: Sequence[Any], directions: Mapping[str, FocusDirections], heads: Sequence[Head],
+    alphas: Mapping[str, float], *, first: int = 200,
+) -> dict[str, Any]:
+    """`bias_shares` of each directions set at its alpha, as a JSON-able dict (what
+    `Workspace.keep` stores) holding the setup that made it (`prior_setup`)."""
+    return {"setup": prior_setup(model, samples, directions, heads, alphas, first=first),
+            "shares": {name: bias_shares(model, samples, d, heads, alphas[name], first=first).to_dict(orient="list")
+                       for name, d in directions.items()}}
+
+
+def prior_setup(
+    model: TransformerBridge, samples: Sequence[Any], directions: Mapping[str, FocusDirections], heads: Sequence[Head],
+    alphas: Mapping[str, float], *, first: int = 200,
+) -> dict[str, Any]:
+    """Everything that determines `position_prior`'s shares: model, probes, heads, each set's
+    directions and alpha, and the width of the early window."""
+    from fdlib.study import directions_sha, model_fingerprint
+
+    return {**model_fingerprint(model), "samples": [s.id for s in samples], "heads": [f"L{l}H{h}" for l, h in heads],
+            "directions": {name: directions_sha(d) for name, d in sorted(directions.items())},
+            "alphas": {name: float(alphas[name]) for name in sorted(directions)}, "first": first}
+
+
+def prior_shares(kept: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """The per-set `bias_shares` frames of a `position_prior` dict (as `Workspace.keep` returns
+    it, having checked its setup)."""
+    return {name: pd.DataFrame(v) for name, v in kept["shares"].items()}

@@ -39,12 +39,12 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
     "03_focus_directions": ("03_focus", "03_table3"),
     "04_long_context_tasks": ("04_tasks", "04_lost"),
     "05_retrieval_vs_contextual": ("05_retrieval", "05_boost_ablate"),
-    "07_interventions_compared": ("07_choose", "07_compare", "07_lost"),
+    "07_interventions_compared": ("07_choose", "07_compare", "07_lost", "07_bias_shares"),
 }
 # Per-head arrays a results file keeps (the figures' needs): the EM grids keep none.
 ARRAYS: dict[str, bool] = {"02_split_softmax": False, "03_focus": False, "07_choose": False}
 # Studies that are not store rows: `Workspace.keep` JSON files.
-KEPT: tuple[str, ...] = ("05_retrieval",)
+KEPT: tuple[str, ...] = ("05_retrieval", "07_bias_shares")
 
 
 def _ws(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
@@ -197,12 +197,14 @@ def write_manifest(ws: Workspace) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
 
 
-def seed_from_results(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
+def seed_from_results(ws: Workspace, notebooks: Sequence[str] | None = None) -> list[Path]:
     """Start each study's missing working store from its committed results file, so a run
     continues where the committed one stopped (on another machine, or after `runs/` was lost).
-    Seeded rows are the committed ones (float16 arrays), not recomputed."""
+    Seeded rows are the committed ones (float16 arrays), not recomputed. By default every
+    notebook's studies: later notebooks read earlier ones' (the head ranking of 01) as inputs,
+    which would otherwise be recomputed."""
     out = []
-    for nb in notebooks:
+    for nb in NOTEBOOK_STUDIES if notebooks is None else notebooks:
         for name in NOTEBOOK_STUDIES[nb]:
             store, results = working_file(ws, name), committed_file(ws, name)
             if results.exists() and not store.exists():
@@ -239,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, help="torch threads per notebook (default: all cores; give each job of a "
                                                 "shared machine its share)")
     ap.add_argument("--from-results", action="store_true",
-                    help="run: start missing working stores from the committed results (continue a committed run)")
+                    help="run: start every missing working store from its committed results (continue a "
+                         "committed run; the inputs from earlier notebooks included)")
     args = ap.parse_args(argv)
     # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -254,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n".join(str(p) for p in export(ws, chosen)))
     else:
         if args.from_results:
-            for p in seed_from_results(ws, chosen):
+            for p in seed_from_results(ws):
                 print(f"started {p} from the committed results", flush=True)
         print(f"paper-size run of {ws.model}; stores in {ws.runs / PAPER}. Where it stands:", flush=True)
         print(format_status(study_status(ws)), flush=True)

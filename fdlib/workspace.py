@@ -136,17 +136,27 @@ class Workspace:
         working copy for all shards of a run."""
         return self.committed(name, kept=True) if self.rendering else self.input(name).with_suffix(".json")
 
-    def keep(self, name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def keep(self, name: str, compute: Callable[[], dict[str, Any]], *, setup: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """A study result that is not store rows (a JSON-able dict, e.g. the retrieval heads):
         read from the committed `results/<name>.json` when rendering, else computed once per size
-        into `runs/` and reused (a `paper` run's copy is what `export` commits). Deterministic
-        computations only: every shard of a sharded run may compute it."""
+        into `runs/` and reused (a `paper` run's copy is what `export` commits). With `setup`, the
+        dict's "setup" must equal it: a kept result made under another setup is recomputed, or
+        refused when rendering. Deterministic computations only: every shard of a sharded run
+        may compute it."""
         path = self.kept_file(name)
         if path.exists():
-            return json.loads(path.read_text(encoding="utf-8"))
-        if self.rendering:
+            value = json.loads(path.read_text(encoding="utf-8"))
+            got = value.get("setup", {}) if setup is not None else None
+            diff = [] if setup is None else sorted(k for k in set(got) | set(setup) if got.get(k) != setup.get(k))
+            if not diff:
+                return value
+            if self.rendering:
+                raise ValueError(f"{path} was made with other {', '.join(diff)}: recompute it with `./dev figures paper`")
+        elif self.rendering:
             raise FileNotFoundError(f"no committed results at {path}: compute them with `./dev figures paper`")
         value = compute()
+        if setup is not None and value.get("setup") != dict(setup):
+            raise ValueError(f"{name}: the computed result does not hold the setup it was asked for")
         text = json.dumps(value, sort_keys=True, indent=0)
         atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         return value

@@ -109,3 +109,21 @@ def test_position_free_alphas_scaled_to_push_as_hard():
             compare.methods("quick", target_sink=0.3, shuffled_scale=bad)
     with pytest.raises(ValueError, match="d_Q = 0"):
         compare.norm_ratio(strong, weak, [(0, 0)])
+
+
+def test_position_prior_is_bias_shares_per_set_with_the_setup_that_made_it(tiny):
+    g = torch.Generator().manual_seed(1)
+    shape = (tiny.model.cfg.n_layers, tiny.model.cfg.n_heads, tiny.model.cfg.d_head)
+    dirs = {name: FocusDirections(torch.randn(shape, generator=g), torch.randn(shape, generator=g), model_name(tiny.model))
+            for name in ("gold", "shuffled")}
+    samples = fake_samples(2)
+    alphas = {"gold": 0.5, "shuffled": 1.5}
+    kept = compare.position_prior(tiny.model, samples, dirs, RANKED[:2], alphas, first=5)
+    shares = compare.prior_shares(kept)
+    for name, d in dirs.items():
+        pd.testing.assert_frame_equal(shares[name], compare.bias_shares(tiny.model, samples, d, RANKED[:2], alphas[name], first=5))
+        assert ((shares[name].gold > 0) & (shares[name].gold < 1) & (shares[name]["first"] > 0)).all()
+    setup = compare.prior_setup(tiny.model, samples, dirs, RANKED[:2], alphas, first=5)
+    assert kept["setup"] == setup and setup["heads"] == ["L1H2", "L0H3"]
+    assert setup["samples"] == [s.id for s in samples] and setup["directions"]["gold"] != setup["directions"]["shuffled"]
+    assert compare.prior_setup(tiny.model, samples, dirs, RANKED[:2], {**alphas, "gold": 0.4}, first=5) != setup

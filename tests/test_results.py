@@ -86,6 +86,21 @@ def test_keep_computes_once_then_renders_the_committed_copy(tmp_path):
     assert render.keep("05_retrieval", lambda: pytest.fail("rendering must not compute")) == {"x": [1.5, None]}
 
 
+
+def test_keep_with_a_setup_recomputes_or_refuses_another_setup(tmp_path):
+    ws = build_ws(tmp_path, size="paper", recompute=True)
+    made = lambda setup, x: (lambda: {"setup": setup, "x": x})  # noqa: E731
+    assert ws.keep("07_bias_shares", made({"alpha": 0.5}, 1), setup={"alpha": 0.5})["x"] == 1
+    assert ws.keep("07_bias_shares", made({"alpha": 0.5}, 2), setup={"alpha": 0.5})["x"] == 1  # reused
+    assert ws.keep("07_bias_shares", made({"alpha": 0.3}, 3), setup={"alpha": 0.3})["x"] == 3  # another alpha: recomputed
+    with pytest.raises(ValueError, match="does not hold the setup"):
+        ws.keep("07_bias_shares", made({"alpha": 0.1}, 4), setup={"alpha": 0.2})
+    paper.export(ws, ["07_interventions_compared"])
+    render = build_ws(tmp_path, size="paper")
+    assert render.keep("07_bias_shares", lambda: pytest.fail("rendering must not compute"), setup={"alpha": 0.3})["x"] == 3
+    with pytest.raises(ValueError, match="other alpha"):
+        render.keep("07_bias_shares", lambda: pytest.fail("rendering must not compute"), setup={"alpha": 0.5})
+
 # --- results files ---------------------------------------------------------------------------
 
 
@@ -158,6 +173,8 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     store.unlink()
     assert paper.seed_from_results(ws, ["02_split_softmax"]) == [store]
     assert paper.seed_from_results(ws, ["02_split_softmax"]) == []  # never over a working store
+    store.unlink()
+    assert paper.seed_from_results(ws) == [store]  # by default every notebook's: inputs of later ones too
     assert export_results(store, tmp_path / "again.jsonl.gz", arrays=False).read_bytes() == committed
 
 
