@@ -146,8 +146,8 @@ class Workspace:
         path = self.kept_file(name)
         if path.exists():
             value = json.loads(path.read_text(encoding="utf-8"))
-            got = value.get("setup", {}) if setup is not None else None
-            diff = [] if setup is None else sorted(k for k in set(got) | set(setup) if got.get(k) != setup.get(k))
+            got = value.get("setup", {})
+            diff = sorted(k for k in set(got) | set(setup) if got.get(k) != setup.get(k)) if setup is not None else []
             if not diff:
                 return value
             if self.rendering:

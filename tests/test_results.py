@@ -86,7 +86,6 @@ def test_keep_computes_once_then_renders_the_committed_copy(tmp_path):
     assert render.keep("05_retrieval", lambda: pytest.fail("rendering must not compute")) == {"x": [1.5, None]}
 
 
-
 def test_keep_with_a_setup_recomputes_or_refuses_another_setup(tmp_path):
     ws = build_ws(tmp_path, size="paper", recompute=True)
     made = lambda setup, x: (lambda: {"setup": setup, "x": x})  # noqa: E731
@@ -100,6 +99,7 @@ def test_keep_with_a_setup_recomputes_or_refuses_another_setup(tmp_path):
     assert render.keep("07_bias_shares", lambda: pytest.fail("rendering must not compute"), setup={"alpha": 0.3})["x"] == 3
     with pytest.raises(ValueError, match="other alpha"):
         render.keep("07_bias_shares", lambda: pytest.fail("rendering must not compute"), setup={"alpha": 0.5})
+
 
 # --- results files ---------------------------------------------------------------------------
 
