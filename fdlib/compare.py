@@ -6,13 +6,15 @@ Methods, each a family of `Condition`s on the top-k contextual heads:
   (InstABoost-style);
 - label-free: focus directions at a fixed alpha, focus directions with automatic alpha
   (`Condition.focus_auto`: per input, the alpha that brings the heads' sink share at the first
-  answer row to the gold-only inputs' level), and directions trained without the position prior
-  (`training_set="shuffled"`: the gold document anywhere among the 20).
+  answer row to the gold-only inputs' level; `Condition.focus_kept`: the alpha that keeps a
+  fraction, chosen on train, of the input's own sink share), and directions trained without the
+  position prior (`training_set="shuffled"`: the gold document anywhere among the 20).
 
 Each method's setting is chosen on train-split questions (`choose`), never on the test questions
 it is scored on; on the test questions each chosen setting runs beside its random-head control
 (the same method and k on k random heads) and the baseline (`comparison_table`, `mcnemar_table`).
-`bias_shares` measures the position prior of a directions set.
+`chosen_alphas` says what the automatic alphas chose; `bias_shares` measures the position prior
+of a directions set.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pandas as pd
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import RANDOM, Condition
+from fdlib.conditions import AUTO, RANDOM, Condition
 from fdlib.directions import FocusDirections, key_bias
 from fdlib.evaluate import bootstrap_ci
 from fdlib.heads import Head
@@ -38,9 +40,10 @@ QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper
 # probe prompts (gold at position 10) of the key-bias view: two prefills per probe, head and set
 BIAS_PROBES: dict[str, int] = {"quick": 1, "paper": 10, "full": 20}
 GRIDS: dict[str, dict[str, tuple]] = {
-    "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,)),
+    "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,), kept=(0.75,)),
+    # kept: at alpha 1 the gold directions leave the top-5 / 10 / 20 heads 0.4-0.8 of their sink share
     "full": dict(ks=(5, 10, 20), split=(0.05, 0.1, 0.3, 0.6), odds=(0.001, 0.01, 0.1), boost=(3.0, 7.0, 11.0, 19.0),
-                 alpha=(0.1, 0.2, 0.5, 1.0)),
+                 alpha=(0.1, 0.2, 0.5, 1.0), kept=(0.6, 0.75, 0.9)),
 }
 GRIDS["paper"] = GRIDS["full"]
 
@@ -75,6 +78,8 @@ def methods(size: str = "quick", *, target_sink: float, directions: str = "gold"
         Method("focus directions", "label-free",
                tuple(Condition.focus(a, directions, "contextual", k) for a in g["alpha"] for k in ks)),
         Method("automatic alpha", "label-free", tuple(Condition.focus_auto(target_sink, directions, "contextual", k) for k in ks)),
+        Method("automatic alpha (relative)", "label-free",
+               tuple(Condition.focus_kept(v, directions, "contextual", k) for v in g["kept"] for k in ks)),
     ]
     if shuffled is not None:
         out.append(Method("position-free directions", "label-free",
@@ -191,6 +196,21 @@ def comparison_table(
                      "lost": test["only_b"], "p_value": test["p_value"], "relevant": head_mean(c.key, "relevant"),
                      "sink": head_mean(c.key, "sink"), "irmax": head_mean(c.key, "irmax")})
     return pd.DataFrame(rows)
+
+
+def chosen_alphas(frame: pd.DataFrame, best: Mapping[str, Condition]) -> pd.DataFrame:
+    """Per method whose chosen setting picks alpha per input (and its random-head control): the
+    prompts, the mean alpha chosen, and the share of prompts left unsteered (alpha 0)."""
+    rows = []
+    for name, c in best.items():
+        if c.method not in AUTO:
+            continue
+        for fam, cond in (("chosen", c), ("random-head control", control(c))):
+            a = frame.loc[frame.condition == cond.key, "chosen_alpha"].dropna().to_numpy(dtype=float)
+            if a.size:
+                rows.append({"method": name, "family": fam, "setting": cond.label, "n": int(a.size),
+                             "mean_alpha": float(a.mean()), "unsteered": float((a == 0).mean())})
+    return pd.DataFrame(rows, columns=["method", "family", "setting", "n", "mean_alpha", "unsteered"])
 
 
 def bias_shares(

@@ -16,8 +16,11 @@ from typing import Literal, Sequence
 from fdlib.heads import Head, head_label, random_heads
 from fdlib.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
 
-Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "ablate"]
-METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "ablate")
+Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate"]
+METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate")
+# Focus directions with alpha chosen per input, by an absolute or a relative sink target.
+AUTO: tuple[str, ...] = ("focus_auto", "focus_kept")
+FOCUS: tuple[str, ...] = ("focus",) + AUTO
 # Automatic alpha: the candidates one probe step tries per input (`fdlib.study.choose_alpha`).
 AUTO_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 Rows = Literal["response", "all"]
@@ -34,6 +37,8 @@ class Condition:
       "focus" (focus directions: `directions` names a set handed to the runner, `value` = alpha);
       "focus_auto" (focus directions with alpha chosen per input: `value` is the target share of
       the heads' attention on the sink at the first answer row, see `fdlib.study.choose_alpha`);
+      "focus_kept" (the same with a relative target: `value` is the fraction of the input's own
+      unsteered sink share to keep);
       "ablate" (the heads' outputs zeroed).
     - where: `heads` names a ranking handed to the runner (e.g. "contextual", "retrieval"), whose
       first `k` are used; or `heads="random"` with `k` and `seed`; or `heads="list"` with
@@ -73,12 +78,13 @@ class Condition:
                 raise ValueError(f"span reweighting takes no directions: {self}")
             if self.rows != "response":
                 raise ValueError(f"span reweighting acts on the answer rows only (rows='response'): {self}")
-        elif self.method in ("focus", "focus_auto"):
+        elif self.method in FOCUS:
             if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
                 raise ValueError(f"{self.parameter} must be a finite number, got {self.value!r}")
-            if self.method == "focus_auto" and not 0 < self.value < 1:
-                raise ValueError(f"the target sink share must be in (0, 1), got {self.value!r}")
-            if self.method == "focus_auto" and self.rows != "response":
+            if self.method in AUTO and not 0 < self.value < 1:
+                what = "target sink share" if self.method == "focus_auto" else "fraction of the sink share kept"
+                raise ValueError(f"the {what} must be in (0, 1), got {self.value!r}")
+            if self.method in AUTO and self.rows != "response":
                 raise ValueError(f"automatic alpha probes the shared prefix: rows must be 'response': {self}")
             object.__setattr__(self, "value", float(self.value))
             if not self.directions or not isinstance(self.directions, str):
@@ -133,6 +139,11 @@ class Condition:
         return cls("focus_auto", target_sink, directions=directions, input=input, **_where(heads, k, seed))
 
     @classmethod
+    def focus_kept(cls, kept: float, directions: str, heads: str | Sequence[Head] = "contextual",
+                   k: int | None = None, *, seed: int | None = None, input: str = "long") -> "Condition":
+        return cls("focus_kept", kept, directions=directions, input=input, **_where(heads, k, seed))
+
+    @classmethod
     def ablate(cls, heads: str | Sequence[Head] = "contextual", k: int | None = None, *, seed: int | None = None,
                rows: Rows = "response", input: str = "long") -> "Condition":
         return cls("ablate", rows=rows, input=input, **_where(heads, k, seed))
@@ -157,10 +168,10 @@ class Condition:
 
     @property
     def parameter(self) -> str | None:
-        """The name of `value`: tau, a, m or alpha."""
+        """The name of `value`: tau, a, m, alpha, or the automatic alpha's sink target or kept fraction."""
         if self.is_reweight:
             return PARAMETER[self.method]
-        return {"focus": "alpha", "focus_auto": "sink"}.get(self.method)
+        return {"focus": "alpha", "focus_auto": "sink", "focus_kept": "kept"}.get(self.method)
 
     def head_set(self, rankings: dict[str, Sequence[Head]], n_layers: int, n_heads: int) -> list[Head]:
         """The heads this condition acts on, resolved against named rankings and the model's size."""
@@ -190,7 +201,7 @@ class Condition:
         if self.is_baseline:
             return f"baseline|{self.input}"
         parts = [self.method]
-        if self.method in ("focus", "focus_auto"):
+        if self.method in FOCUS:
             parts.append(self.directions)
         if self.parameter:
             parts.append(f"{self.parameter}={self.value:g}")
@@ -213,7 +224,7 @@ class Condition:
             return "baseline" if self.input == "long" else f"baseline ({self.input})"
         param = f" {self.parameter}={self.value:g}" if self.parameter else ""
         heads = self._where_text(" ")
-        if self.method in ("focus", "focus_auto") and self.heads == "contextual":
+        if self.method in FOCUS and self.heads == "contextual":
             heads = f"k={self.k}"
         extra = "".join(f", {t}" for t in (
             "all rows" if self.rows == "all" else "",

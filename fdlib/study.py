@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import AUTO_ALPHAS, Condition
+from fdlib.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
 from fdlib.decoding import Prefix, check_length, decode, prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.engine import Job, RowIntervention, decode_jobs, first_row_scores
@@ -179,13 +179,13 @@ class _Planned:
 
 def row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
                       directions: Mapping[str, FocusDirections], alpha: float | None = None) -> RowIntervention:
-    """The condition as one row of the batched engine (`alpha`: the one chosen for `focus_auto`)."""
+    """The condition as one row of the batched engine (`alpha`: the one chosen for an automatic alpha)."""
     if c.is_baseline or c.identity:
         return RowIntervention()
     if c.is_reweight:
         return RowIntervention(tuple(heads), span_map=c.method, strength=c.value, span=sample.spans()[c.span])
-    if c.method in ("focus", "focus_auto"):
-        if c.method == "focus_auto" and alpha is None:
+    if c.method in FOCUS:
+        if c.method in AUTO and alpha is None:
             raise ValueError(f"{c.key}: choose its alpha first (choose_alpha)")
         return RowIntervention(tuple(heads), directions=directions[c.directions], alpha=c.value if alpha is None else alpha)
     return RowIntervention(tuple(heads), ablate=True)
@@ -193,23 +193,29 @@ def row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
 
 def choose_alpha(
     model: TransformerBridge, prefix: Prefix, sample: StudySample, heads: Sequence[Head], directions: FocusDirections,
-    target_sink: float, alphas: Sequence[float] = AUTO_ALPHAS,
+    target_sink: float, alphas: Sequence[float] = AUTO_ALPHAS, *, relative: bool = False,
 ) -> float:
     """Automatic alpha: the candidate whose focus directions bring the heads' mean attention on
     the sink, at the row that produces the first answer token, closest to `target_sink` (e.g. the
     heads' mean sink score on gold-only training inputs: as much attention moved from the sink to
-    the context as a model that sees only the gold document gives it). One extra forward over the
-    shared prefix, every candidate a row; ties go to the smaller alpha."""
+    the context as a model that sees only the gold document gives it). With `relative`, the
+    target is `target_sink` times the input's own unsteered sink share (the fraction of it kept;
+    `alphas` must then start at 0, the unsteered row). One extra forward over the shared prefix,
+    every candidate a row; ties go to the smaller alpha."""
+    if relative and alphas[0] != 0:
+        raise ValueError(f"a relative target needs alpha 0 as the first candidate, got {list(alphas)}")
     rows = [RowIntervention(tuple(heads), directions=directions, alpha=a) for a in alphas]
     sums = first_row_scores(model, prefix, rows, {"sink": sample.spans()["sink"]})  # [candidates, L, H, 1]
     idx = torch.as_tensor(list(heads), dtype=torch.long)
     sink = sums[:, idx[:, 0], idx[:, 1], 0].mean(-1)  # [candidates]
-    return float(alphas[int(torch.argmin((sink - target_sink).abs()))])
+    target = target_sink * sink[0] if relative else target_sink
+    return float(alphas[int(torch.argmin((sink - target).abs()))])
 
 
 def _auto_alphas(model, prefix: Prefix, s: StudySample, planned: Sequence[_Planned], directions) -> dict[tuple, float]:
-    return {p.runs_as: choose_alpha(model, prefix, s, p.heads, directions[p.condition.directions], p.condition.value)
-            for p in planned if p.condition.method == "focus_auto"}
+    return {p.runs_as: choose_alpha(model, prefix, s, p.heads, directions[p.condition.directions], p.condition.value,
+                                    relative=p.condition.method == "focus_kept")
+            for p in planned if p.condition.method in AUTO}
 
 
 def intervention(
@@ -229,7 +235,7 @@ def intervention(
                              from_pos=from_pos)
     if condition.method == "focus":
         return focus_directions(model, (directions or {})[condition.directions], heads, condition.value, from_pos=from_pos)
-    if condition.method == "focus_auto":
+    if condition.method in AUTO:
         raise ValueError(f"{condition.key}: choose its alpha first (choose_alpha), then decode Condition.focus")
     return ablate_heads(model, heads, from_pos=from_pos)
 
@@ -271,7 +277,7 @@ def _check(model, samples, conditions, rankings, directions, max_new_tokens) -> 
     L, H = model.cfg.n_layers, model.cfg.n_heads
     for c in conditions:
         check_heads(model, c.head_set(checked, L, H))
-        if c.method in ("focus", "focus_auto"):
+        if c.method in FOCUS:
             if c.directions not in directions:
                 raise ValueError(f"condition {c.key!r} needs directions {c.directions!r}; given: {sorted(directions)}")
             directions[c.directions].check(model)
@@ -299,7 +305,7 @@ def _plan(model, sample, conditions, rankings, directions, max_new_tokens) -> li
             continue
         heads = c.head_set(rankings, L, H)
         setup = {**base, "condition": c.key, "heads": sorted(labels(heads))}
-        if c.method in ("focus", "focus_auto"):
+        if c.method in FOCUS:
             setup["directions_sha"] = directions_sha(directions[c.directions])
         if c.is_reweight:
             span = sample.spans()[c.span]
@@ -420,7 +426,7 @@ def _decode_rest(model, s: StudySample, planned: list[_Planned], decoded: dict, 
         if p.runs_as not in decoded:
             c = p.condition
             ref = Condition.baseline(c.input) if (c.identity and c.rows == "response") else c
-            if c.method == "focus_auto":
+            if c.method in AUTO:
                 ref = Condition.focus(alphas[p.runs_as], c.directions, list(p.heads), input=c.input)
             decoded[p.runs_as] = decode_sequential(model, s, prefix, ref, p.heads, directions=directions,
                                                    max_new_tokens=max_new_tokens)
@@ -459,7 +465,7 @@ def _run_batched(model, todo, directions, batch_size, max_new_tokens, max_sample
                 first = {p.runs_as: p for p in reversed(shared)}
                 prefix: Any = lambda s=s: prefill(model, s.input_ids)  # noqa: E731  (prefilled when admitted)
                 alphas: dict[tuple, float] = {}
-                if any(p.condition.method == "focus_auto" for p in shared):
+                if any(p.condition.method in AUTO for p in shared):
                     prefix = prefill(model, s.input_ids)  # the probe needs it before the rows are built
                     alphas = _auto_alphas(model, prefix, s, shared, directions)
                 rows = [row_intervention(first[r].condition, first[r].heads, s, directions, alphas.get(r)) for r in unique]

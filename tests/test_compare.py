@@ -30,9 +30,11 @@ def _frame(scores: dict[str, list[float]], heads=((0, 0),)) -> pd.DataFrame:
 
 def test_methods_choose_and_controls():
     ms = compare.methods("full", target_sink=0.3)
-    assert [m.family for m in ms] == ["label-using"] * 3 + ["label-free"] * 3
+    assert [m.family for m in ms] == ["label-using"] * 3 + ["label-free"] * 4
     assert len(ms[0].candidates) == 4 * 3 and all(c.method == "split" for c in ms[0].candidates)
-    assert {c.method for c in ms[4].candidates} == {"focus_auto"} and ms[5].candidates[0].directions == "shuffled"
+    assert {c.method for c in ms[4].candidates} == {"focus_auto"} and ms[6].candidates[0].directions == "shuffled"
+    kept = ms[5].candidates
+    assert {c.method for c in kept} == {"focus_kept"} and {c.value for c in kept} == {0.6, 0.75, 0.9} and len(kept) == 9
     split = ms[0]
     a, b, c = split.candidates[:3]
     frame = _frame({a.key: [0, 1, 1], b.key: [1, 1, 0], c.key: [0, 0, 1]})
@@ -127,3 +129,14 @@ def test_position_prior_is_bias_shares_per_set_with_the_setup_that_made_it(tiny)
     assert kept["setup"] == setup and setup["heads"] == ["L1H2", "L0H3"]
     assert setup["samples"] == [s.id for s in samples] and setup["directions"]["gold"] != setup["directions"]["shuffled"]
     assert compare.prior_setup(tiny.model, samples, dirs, RANKED[:2], {**alphas, "gold": 0.4}, first=5) != setup
+
+
+def test_chosen_alphas_against_hand_computation():
+    auto, fixed = Condition.focus_kept(0.75, "gold", "contextual", 5), Condition.focus(1.0, "gold", "contextual", 5)
+    ctrl = compare.control(auto)
+    frame = pd.DataFrame({"condition": [auto.key] * 4 + [ctrl.key] * 2 + [fixed.key],
+                          "chosen_alpha": [0.0, 0.5, 1.0, 0.0, 0.0, 0.0, None]})
+    t = compare.chosen_alphas(frame, {"auto": auto, "fixed": fixed})
+    assert list(t.family) == ["chosen", "random-head control"] and list(t.n) == [4, 2]
+    assert t.mean_alpha[0] == pytest.approx(0.375) and t.unsteered[0] == pytest.approx(0.5) and t.unsteered[1] == 1.0
+    assert compare.chosen_alphas(frame, {"fixed": fixed}).empty

@@ -268,6 +268,20 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     with pytest.raises(ValueError, match="target sink share"):
         Condition.focus_auto(1.5, "d", "contextual", 3)
 
+    # relative target: a fraction of the input's own unsteered share (candidate alpha 0)
+    kept = float(shares[7] + shares[8]) / 2 / float(shares[0]) + 1e-4
+    want = AUTO_ALPHAS[int(torch.argmin((shares - kept * shares[0]).abs()))]
+    assert choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, relative=True) == want
+    conds = [Condition.focus_kept(kept, "d", "contextual", 3), Condition.focus(want, "d", "contextual", 3),
+             Condition.focus_auto(kept, "d", "contextual", 3)]
+    a = run_study(tiny.model, [s], conds, **kw)
+    assert a.chosen_alpha[0] == want and a.answer[0] == a.answer[1] and a.condition[0] == f"focus_kept|d|kept={kept:g}|contextual|k=3"
+    assert a.chosen_alpha[2] == AUTO_ALPHAS[int(torch.argmin((shares - kept).abs()))]  # the same value, absolute
+    with pytest.raises(ValueError, match="fraction of the sink share kept"):
+        Condition.focus_kept(0.0, "d", "contextual", 3)
+    with pytest.raises(ValueError, match="alpha 0 as the first candidate"):
+        choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, alphas=(0.5, 1.0), relative=True)
+
 
 def test_task_samples_are_their_own_groups(tiny, tmp_path):
     """Each task sample is a transaction and shard unit of its own (two samples of one task are
