@@ -45,6 +45,9 @@ NOTEBOOK_STUDIES: dict[str, tuple[str, ...]] = {
 ARRAYS: dict[str, bool] = {"02_split_softmax": False, "03_focus": False, "07_choose": False}
 # Studies that are not store rows: `Workspace.keep` JSON files.
 KEPT: tuple[str, ...] = ("05_retrieval", "07_bias_shares")
+# The progress line a store started from its committed results carries: the committed run's rows
+# and decoding time, so the ledger of a continued run counts the time spent before it.
+COMMITTED = "the committed run (seeded from results/)"
 
 
 def _ws(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
@@ -99,19 +102,26 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
             # every row), else the shards' sum; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
-            seconds, computed = 0.0, 0
+            seconds, earlier, computed = 0.0, 0.0, 0
             for p in stores:
                 with Store(p) as db:
                     prog = db.progress()
-                counts[p] = (sum(r["expected"] for r in prog), sum(r["done"] for r in prog))
-                seconds += sum(r["seconds"] for r in prog)
-                computed += sum(r["computed"] for r in prog)
+                # a seeded store's committed line counts its rows until the calls that made them
+                # rerun here (their lines count the same rows again), and its time always
+                seeded = [r for r in prog if r["study"] == COMMITTED]
+                runs = [r for r in prog if r["study"] != COMMITTED]
+                rows = runs or seeded
+                counts[p] = (sum(r["expected"] for r in rows), sum(r["done"] for r in rows))
+                seconds += sum(r["seconds"] for r in runs)
+                earlier += sum(r["seconds"] for r in seeded)
+                computed += sum(r["computed"] for r in runs)
             main_counts = counts.get(path, (0, 0))
             expected, done = main_counts if main_counts[0] else (
                 sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
             results = committed_file(ws, name)
             # the rate of the rows decoded so far; a sharded study's shards run side by side
             rate = seconds / computed / max(1, len([p for p in stores if p != path])) if computed else 0.0
+            seconds += earlier
             eta = (expected - done) * rate
             out.append({
                 "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
@@ -203,6 +213,8 @@ def seed_from_results(ws: Workspace, notebooks: Sequence[str] | None = None) -> 
     Seeded rows are the committed ones (float16 arrays), not recomputed. By default every
     notebook's studies: later notebooks read earlier ones' (the head ranking of 01) as inputs,
     which would otherwise be recomputed."""
+    manifest = ws.results / "manifest.json"
+    ledger = json.loads(manifest.read_text(encoding="utf-8")).get("studies", {}) if manifest.exists() else {}
     out = []
     for nb in NOTEBOOK_STUDIES if notebooks is None else notebooks:
         for name in NOTEBOOK_STUDIES[nb]:
@@ -212,8 +224,18 @@ def seed_from_results(ws: Workspace, notebooks: Sequence[str] | None = None) -> 
                     _copy(results, store)
                 else:
                     merge_stores([results], store)
+                    seed_ledger(store, ledger.get(name, {}))
                 out.append(store)
     return out
+
+
+def seed_ledger(store: Path, entry: dict[str, Any]) -> None:
+    """Carry a study's manifest entry (rows asked for and stored, decoding time) into its
+    working store as the committed run's progress line."""
+    if entry.get("expected") or entry.get("seconds"):
+        with Store(store) as db:
+            db.note_progress(COMMITTED, expected=entry.get("expected", 0), done=entry.get("rows", 0),
+                             seconds=entry.get("seconds", 0.0))
 
 
 def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:

@@ -176,6 +176,19 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     store.unlink()
     assert paper.seed_from_results(ws) == [store]  # by default every notebook's: inputs of later ones too
     assert export_results(store, tmp_path / "again.jsonl.gz", arrays=False).read_bytes() == committed
+    # the seeded store carries the committed run's ledger: rows and decoding time, not a restart
+    seeded = {r["study"]: r for r in paper.study_status(ws)}["02_split_softmax"]
+    before = manifest["studies"]["02_split_softmax"]
+    assert (seeded["rows"], seeded["expected"], seeded["state"]) == (27, 27, "complete")
+    assert seeded["seconds"] == pytest.approx(before["seconds"]) and seeded["eta_seconds"] == 0
+    paper.write_manifest(ws)
+    assert json.loads((tmp_path / "results" / "manifest.json").read_text())["studies"]["02_split_softmax"] == seeded
+    # a call rerun over the seeded rows (and one sample more) counts them once, and adds its own time
+    # to the committed run's
+    _run(tiny, store, fake_samples(7))
+    rerun = {r["study"]: r for r in paper.study_status(ws)}["02_split_softmax"]
+    assert (rerun["rows"], rerun["expected"], rerun["state"]) == (21, 21, "complete")
+    assert rerun["seconds"] > before["seconds"]
 
 
 def test_store_of_an_older_schema_gains_the_computed_column(tmp_path):
