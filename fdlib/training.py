@@ -1,8 +1,11 @@
 """Training focus directions: the activations the loss reads, their on-disk cache, the loss
 (`span_score`) and the optimiser loop, and the command line `python -m fdlib.training`.
 
-The loss S_C is the attention the chosen heads' response rows give the relevant span, computed
-from cached queries and keys exactly as the model computes its attention: the layer's own
+The loss is -S_C, the attention the chosen heads' response rows give the relevant span, or, with
+`loss="contrast"`, -(S_C - S_IRmax): the relevant span's share minus that of the irrelevant
+document drawing the most, so a direction cannot win by raising every document (or the start of
+the prompt) alike. Both are computed from cached queries and keys exactly as the model computes
+its attention: the layer's own
 scaling (`query_pre_attn_scalar`, ...), attention-logit softcapping (Gemma 2) and sliding window
 (Mistral, Gemma 2/3), per chosen head (`span_score_settings`). Pre-RoPE activations live after
 the q/k norm and before the rotation, the space `fdlib.directions.focus_directions` adds
@@ -15,7 +18,7 @@ from collections import abc
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -30,6 +33,9 @@ from fdlib.directions import TRAINING_SETS, FocusDirections, Placement, Training
 from fdlib.heads import Head, check_heads
 from fdlib.models import model_name
 from fdlib.store import atomic_write
+
+Loss = Literal["relevant", "contrast"]
+LOSSES: tuple[str, ...] = ("relevant", "contrast")
 
 
 def _check_placement(placement: str) -> None:
@@ -67,6 +73,7 @@ class HeadActivations:
     k: Float[Tensor, "n_chosen pos d_head"]
     response_start: int
     span: Any  # fdlib.Span of the relevant document
+    others: tuple[Any, ...] = ()  # fdlib.Spans of the irrelevant documents (the contrastive loss's)
 
     @property
     def nbytes(self) -> int:
@@ -114,6 +121,7 @@ def _select(
     response_start: int,
     span: Any,
     placement: Placement,
+    others: Sequence[Any] = (),
 ) -> HeadActivations:
     """Pick the chosen heads out of per-layer queries [rows, head, d] and keys [kv_head, T, d]
     (post-RoPE); pre-RoPE activations are those rotated back by each position's angle."""
@@ -129,7 +137,7 @@ def _select(
             cos, sin = rotary(l, T, k)
             k[c] = arch.unrotate(k[c], cos, sin)
             q[c] = arch.unrotate(q[c], cos[response_start:], sin[response_start:])
-    return HeadActivations(q.contiguous(), k.contiguous(), response_start, span)
+    return HeadActivations(q.contiguous(), k.contiguous(), response_start, span, tuple(others))
 
 
 def collect_activations(
@@ -139,8 +147,10 @@ def collect_activations(
     span: Any,
     heads: Sequence[Head],
     placement: Placement = "post_rope",
+    others: Sequence[Any] = (),
 ) -> HeadActivations:
-    """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads.
+    """Queries of rows [response_start, T) and keys of [0, T) for the chosen heads; `others`
+    are the irrelevant documents' spans (for the contrastive loss).
 
     The prompt's keys come from the fast prefill's KV cache (post-RoPE, per KV head); only the
     response rows run through the bridge, where the query hook (`arch.model_facts(model).query_hook`)
@@ -152,12 +162,13 @@ def collect_activations(
     T = int(ids.shape[0])
     if not 0 < response_start < T:
         raise ValueError(f"response_start must be in [1, {T - 1}], got {response_start}")
-    span.check(T)
+    for s in (span, *others):
+        s.check(T)
     chosen = check_heads(model, heads)
     check_trainable(model, placement)
     qs, cache = _run_response(model, ids, response_start)
     ks = {l: cache.layers[l].keys[0] for l in range(model.cfg.n_layers)}
-    return _select(model, qs, ks, chosen, response_start, span, placement)
+    return _select(model, qs, ks, chosen, response_start, span, placement, others)
 
 
 # --- the on-disk activation cache -----------------------------------------------------------
@@ -177,7 +188,7 @@ class CachedExample:
     span: Any  # fdlib.Span
     n_tokens: int
     answer: str
-
+    others: tuple[Any, ...] = ()  # fdlib.Spans of the irrelevant documents
 
 class ActivationCache:
     """Per training example, one safetensors file with every layer's post-RoPE queries of the
@@ -206,9 +217,11 @@ class ActivationCache:
         return self.path(example_id).exists()
 
     def write(self, example_id: str, ids: Tensor, response_start: int, span: Any, answer: str,
-              q_layers: dict[int, Tensor] | None, k_layers: dict[int, Tensor] | None) -> Path:
+              q_layers: dict[int, Tensor] | None, k_layers: dict[int, Tensor] | None,
+              others: Sequence[Any] = ()) -> Path:
         """One example, atomically; `q_layers=None` records an example with no usable response
-        (an empty R_g) so a resumed build does not retry it."""
+        (an empty R_g) so a resumed build does not retry it. `others`: the irrelevant documents'
+        spans."""
         tensors = {"tokens": ids.to(torch.int64).cpu().contiguous()}
         if q_layers is not None and k_layers is not None:
             for l in range(self.model.cfg.n_layers):
@@ -216,7 +229,8 @@ class ActivationCache:
                 tensors[f"k{l}"] = k_layers[l].to(self.dtype).cpu().contiguous()
         meta = {"format": "fdlib.activations/1", "model_name": model_name(self.model), "id": example_id,
                 "training_set": self.training_set, "response_start": response_start,
-                "span": [span.start, span.end], "answer": answer, "usable": q_layers is not None}
+                "span": [span.start, span.end], "others": [[o.start, o.end] for o in others],
+                "answer": answer, "usable": q_layers is not None}
         path = self.path(example_id)
         # atomic: a crash leaves the old state or the new file, never half a file
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"fdlib": json.dumps(meta)}))
@@ -241,7 +255,10 @@ class ActivationCache:
             return None
         with safe_open(str(path), framework="pt") as f:
             n_tokens = int(f.get_slice("tokens").get_shape()[0])
-        return CachedExample(example_id, path, int(meta["response_start"]), Span(*meta["span"]), n_tokens, meta["answer"])
+        # files written before the irrelevant spans were kept have none: the contrastive loss refuses them
+        others = tuple(Span(*o) for o in meta.get("others", []))
+        return CachedExample(example_id, path, int(meta["response_start"]), Span(*meta["span"]), n_tokens,
+                             meta["answer"], others)
 
     def read(self, example: CachedExample, heads: Sequence[Head], placement: Placement = "post_rope") -> HeadActivations:
         """The chosen heads' activations of one example (only their layers are read)."""
@@ -254,7 +271,8 @@ class ActivationCache:
         with safe_open(str(example.path), framework="pt") as f:
             for l in layers:
                 q_layers[l], k_layers[l] = f.get_tensor(f"q{l}"), f.get_tensor(f"k{l}")
-        return _select(self.model, q_layers, k_layers, chosen, example.response_start, example.span, placement)
+        return _select(self.model, q_layers, k_layers, chosen, example.response_start, example.span, placement,
+                       example.others)
 
     def nbytes(self) -> int:
         """Bytes on disk of every cached example."""
@@ -320,13 +338,14 @@ def build_activation_cache(
                 example = next(e for e in builder.examples if e.id == qid)
                 position = shuffled_position(qid, n_docs) if cache.training_set == "shuffled" else None
                 prompt = builder.sample(example, n_docs=n_docs, gold_position=position)
+            others = [d for i, d in enumerate(prompt.doc_spans) if i != prompt.gold_index]
             if not answer.tokens:
-                cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None)
+                cache.write(qid, prompt.input_ids, prompt.n_tokens, prompt.gold_span, "", None, None, others)
             else:
                 ids = torch.cat([prompt.input_ids, torch.tensor(answer.tokens, dtype=torch.long)])
                 qs, kv = _run_response(model, ids, prompt.n_tokens)
                 ks = {l: kv.layers[l].keys[0] for l in range(model.cfg.n_layers)}
-                cache.write(qid, ids, prompt.n_tokens, prompt.gold_span, answer.text, qs, ks)
+                cache.write(qid, ids, prompt.n_tokens, prompt.gold_span, answer.text, qs, ks, others)
         ex = cache.example(qid)
         if ex is not None:
             out.append(ex)
@@ -334,7 +353,7 @@ def build_activation_cache(
     return out
 
 
-def span_score(
+def attention_rows(
     acts: HeadActivations,
     d_q: Tensor,
     d_k: Tensor,
@@ -343,9 +362,9 @@ def span_score(
     rotation: tuple[Tensor, Tensor] | None = None,
     softcap: float | Tensor | None = None,
     window: int | Tensor | None = None,
-) -> Float[Tensor, "n_chosen"]:
-    """S_C per chosen head under the model's attention with Q + d_Q and K + d_K, response rows
-    only: softmax over visible keys of cap(((Q + d_Q)(K + d_K)^T) * scale).
+) -> Float[Tensor, "n_chosen rows pos"]:
+    """The chosen heads' attention from the response rows, as the model computes it with Q + d_Q
+    and K + d_K: softmax over visible keys of cap(((Q + d_Q)(K + d_K)^T) * scale).
 
     Per chosen head (a number applies to all): `scale` the layer's scaling, `softcap` its
     attention-logit cap (None / 0: none), `window` its sliding window (None / 0: none; row i sees
@@ -375,8 +394,27 @@ def span_score(
     if window is not None:
         w = torch.as_tensor(window, device=q.device).reshape(-1).expand(n_c)[:, None, None]
         visible = visible & ((w <= 0) | ((rows[:, None] - cols[None, :])[None] < w))
-    w = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    return w[..., acts.span.start : acts.span.end].sum(-1).mean(-1)
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+
+
+def span_score(acts: HeadActivations, d_q: Tensor, d_k: Tensor, **settings: Any) -> Float[Tensor, "n_chosen"]:
+    """S_C per chosen head: the response rows' mean attention on the relevant span, under the
+    attention `attention_rows` computes with these settings (scale, rotation, softcap, window)."""
+    return _mass(attention_rows(acts, d_q, d_k, **settings), acts.span)
+
+
+def contrast_score(acts: HeadActivations, d_q: Tensor, d_k: Tensor, **settings: Any) -> Float[Tensor, "n_chosen"]:
+    """S_C - S_IRmax per chosen head: the relevant span's score minus the largest score of an
+    irrelevant document (`acts.others`), under the same attention as `span_score`."""
+    if not acts.others:
+        raise ValueError("the contrastive loss needs the irrelevant documents' spans: train on a "
+                         "k-document training set ('long' or 'shuffled'), cached with them")
+    w = attention_rows(acts, d_q, d_k, **settings)
+    return _mass(w, acts.span) - torch.stack([_mass(w, o) for o in acts.others]).max(0).values
+
+
+def _mass(w: Float[Tensor, "n_chosen rows pos"], span: Any) -> Float[Tensor, "n_chosen"]:
+    return w[..., span.start : span.end].sum(-1).mean(-1)
 
 
 def span_score_settings(model: TransformerBridge, heads: Sequence[Head], placement: Placement, n_pos: int,
@@ -420,16 +458,35 @@ def train_focus_directions(
     weight_decay: float = 0.01,
     seed: int = 0,
     split_seed: int = 0,
+    loss: Loss = "relevant",
+    max_norm: float | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Per head, d_Q and d_K maximising S_C (loss -S_C), AdamW, one step per sample, samples in
-    a seeded order each epoch (the paper's settings as defaults)."""
+    """Per head, d_Q and d_K maximising S_C (`loss="relevant"`, the paper's: loss -S_C) or
+    S_C - S_IRmax (`loss="contrast"`), AdamW, one step per sample, samples in a seeded order each
+    epoch (the paper's settings as defaults). `max_norm` bounds each head's |d_Q| and |d_K|:
+    after every step a direction longer than it is scaled back onto the sphere of that radius.
+    The scores reported before and after are S_C whatever the loss."""
     from tqdm.auto import tqdm
 
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0 (or None: no bound), got {max_norm}")
     chosen = check_heads(model, heads)
     check_trainable(model, placement)
     if not activations:
         raise ValueError("no training activations")
+    if loss == "contrast":
+        # from the cache's metadata where it is lazy, so a long run is refused before it starts
+        spans = [e.others for e in activations.examples] if isinstance(activations, CachedActivations) else [
+            a.others for a in activations]
+        missing = sum(not o for o in spans)
+        if missing:
+            raise ValueError(f"loss='contrast' needs the irrelevant documents' spans, and {missing} of "
+                             f"{len(spans)} training examples have none (a gold-only training set, or a cache "
+                             f"written without them: rebuild it)")
+    objective = contrast_score if loss == "contrast" else span_score
     d = model.cfg.d_head
     gen = torch.Generator().manual_seed(seed)
     d_q = torch.zeros(len(chosen), d, requires_grad=True)
@@ -450,6 +507,11 @@ def train_focus_directions(
     def score(acts: HeadActivations) -> Tensor:
         return span_score(acts, d_q, d_k, **score_settings(acts))
 
+    def project() -> None:
+        with torch.no_grad():
+            for d in (d_q, d_k):
+                d.mul_((max_norm / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+
     def mean_score() -> Tensor:
         with torch.no_grad():
             return torch.stack([score(a) for a in activations]).mean(0)
@@ -461,11 +523,14 @@ def train_focus_directions(
         order = torch.randperm(len(activations), generator=gen).tolist()
         total = 0.0
         for i in order:
-            loss = -score(activations[i]).sum()
+            acts = activations[i]
+            value = -objective(acts, d_q, d_k, **score_settings(acts)).sum()
             opt.zero_grad()
-            loss.backward()
+            value.backward()
             opt.step()
-            total += float(loss.detach()) / len(chosen)
+            if max_norm is not None:
+                project()
+            total += float(value.detach()) / len(chosen)
             bar.update(1)
         losses.append(total / len(activations))
         bar.set_postfix(loss=losses[-1])
@@ -474,8 +539,8 @@ def train_focus_directions(
     full_q, full_k = torch.zeros(shape), torch.zeros(shape)
     for c, (l, h) in enumerate(chosen):
         full_q[l, h], full_k[l, h] = d_q.detach()[c], d_k.detach()[c]
-    settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed,
-                "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
+    settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed, "loss": loss,
+                "max_norm": max_norm, "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
     dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
     return TrainResult(dirs, losses, before, mean_score())
 
@@ -500,7 +565,7 @@ def train_nq_directions(
 
     `heads=None` trains every head, so random-head controls have directions of their own.
     `root` defaults to `<fdlib cache>/activations`. Extra keyword arguments go to
-    `train_focus_directions` (lr, epochs, weight_decay, seed).
+    `train_focus_directions` (lr, epochs, weight_decay, seed, loss, max_norm).
     """
     from fdlib.data import SPLIT_SEED
     from fdlib.models import cache_dir
@@ -536,6 +601,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss", choices=list(LOSSES), default="relevant",
+                    help="relevant: -S_C (the paper's); contrast: -(S_C - S_IRmax), k-document training sets only")
+    ap.add_argument("--max-norm", type=float, help="bound each head's |d_Q| and |d_K| (default: none)")
     ap.add_argument("--out", required=True, help="where to write the .safetensors file")
     args = ap.parse_args(argv)
     model = load_model(args.model)
@@ -545,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         hs = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
         heads = contextual_study(model, size=hs, split="train", store=args.heads_store).heads(args.top)
     result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=size,
-                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed)
+                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed,
+                                 loss=args.loss, max_norm=args.max_norm)
     result.directions.save(args.out)
 
 

@@ -23,7 +23,8 @@ from fdlib.decoding import prefill
 from fdlib.directions import FocusDirections, focus_directions
 from fdlib.interventions import ablate_heads, split_softmax
 from fdlib.retrieval import ArgmaxRecorder
-from fdlib.training import collect_activations, span_score, span_score_settings, train_focus_directions
+from fdlib.training import (collect_activations, contrast_score, span_score, span_score_settings,
+                            train_focus_directions)
 
 # Tiny matrices: one thread is ~1000x faster than several spinning on shared cores.
 torch.set_num_threads(1)
@@ -194,20 +195,26 @@ def test_post_rope_d_k_is_a_no_op_except_under_a_softcap(tiny):
 # --- training ---------------------------------------------------------------------------------------
 
 
+def steered_case(tiny, placement: str, ids, seed: int):
+    """Random directions on every head, their per-head rows for `span_score`, its settings, and
+    the reference run with the directions on each layer's heads (one layer at a time: a head's own
+    pattern does not depend on edits in its layer or later)."""
+    heads = heads_of(tiny.model)
+    dirs = random_dirs(tiny, placement, seed=seed, scale=0.7)
+    dq = torch.stack([dirs.d_q[l, h] for l, h in heads])
+    dk = torch.stack([dirs.d_k[l, h] for l, h in heads])
+    steered = {l: ref.run(tiny.hf, ids, focus=ref.Focus(dirs.d_q, dirs.d_k, [(m, h) for m, h in heads if m == l], 1.0, placement, 0))
+               for l in {l for l, _ in heads}}
+    return heads, dq, dk, span_score_settings(tiny.model, heads, placement, len(ids)), steered
+
+
 @pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
 def test_span_score_is_the_model_attention(tiny, placement):
     """span_score on collected activations, with directions, equals the reference's S_C with the
-    same directions added to each head (one layer at a time: a head's own pattern does not
-    depend on edits in its layer or later)."""
+    same directions added to each head."""
     ids, start = ids_of(28, 9), 16
-    heads = heads_of(tiny.model)
-    dirs = random_dirs(tiny, placement, seed=3, scale=0.7)
-    dq = torch.stack([dirs.d_q[l, h] for l, h in heads])
-    dk = torch.stack([dirs.d_k[l, h] for l, h in heads])
-    settings = span_score_settings(tiny.model, heads, placement, 28)
+    heads, dq, dk, settings, steered_ref = steered_case(tiny, placement, ids, seed=3)
     plain_ref = ref.run(tiny.hf, ids)
-    steered_ref = {l: ref.run(tiny.hf, ids, focus=ref.Focus(dirs.d_q, dirs.d_k, [(m, h) for m, h in heads if m == l], 1.0, placement, 0))
-                   for l in {l for l, _ in heads}}
     for span in (FAR, NEAR):  # FAR: outside the window of every response row
         acts = collect_activations(tiny.model, ids, start, span, heads, placement)
         got = span_score(acts, dq, dk, **settings)
@@ -216,6 +223,26 @@ def test_span_score_is_the_model_attention(tiny, placement):
         close(got, torch.stack([steered_ref[l].span_scores(s, start)[l, h] for l, h in heads]), SCORES)
         close(plain, torch.stack([plain_ref.span_scores(s, start)[l, h] for l, h in heads]), SCORES)
     assert (got - plain).abs().max() > 1e-3  # NEAR: the directions move the score
+
+
+@pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
+def test_contrast_score_is_relevant_minus_the_top_irrelevant_document(tiny, placement):
+    """contrast_score equals the reference's S_C minus the largest S of the other spans, with the
+    same directions added; activations without other spans are refused."""
+    ids, start = ids_of(28, 11), 16
+    heads, dq, dk, settings, steered = steered_case(tiny, placement, ids, seed=5)
+    others = [FAR, fdlib.Span(7, 12)]
+    acts = collect_activations(tiny.model, ids, start, NEAR, heads, placement, others=others)
+    want = torch.stack([
+        steered[l].span_scores((NEAR.start, NEAR.end), start)[l, h]
+        - max(steered[l].span_scores((o.start, o.end), start)[l, h] for o in others)
+        for l, h in heads])
+    close(contrast_score(acts, dq, dk, **settings), want, SCORES)
+    bare = collect_activations(tiny.model, ids, start, NEAR, heads, placement)
+    with pytest.raises(ValueError, match="irrelevant documents' spans"):
+        contrast_score(bare, dq, dk, **settings)
+    with pytest.raises(ValueError, match="lies past the sequence"):
+        collect_activations(tiny.model, ids, start, NEAR, heads, placement, others=[fdlib.Span(20, 40)])
 
 
 def test_training_runs_and_raises_the_score(tiny):

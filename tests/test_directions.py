@@ -206,6 +206,44 @@ def test_training_raises_the_relevant_score_deterministically(tiny, placement):
         assert boosted[l, h] > plain[l, h]
 
 
+def test_contrastive_loss_and_norm_bound(tiny):
+    """loss='contrast' trains on S_C - S_IRmax and raises it; max_norm keeps every direction
+    within its bound (and binds: unbounded training goes past it); bad settings are refused
+    before a step."""
+    from fdlib.training import collect_activations, contrast_score, train_focus_directions
+
+    others = [fdlib.Span(0, 6), fdlib.Span(16, 22)]
+    acts = [collect_activations(tiny.model, torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(100 + i)),
+                                24, fdlib.Span(8, 14), HEADS, "post_rope", others=others) for i in range(6)]
+    kw = dict(lr=0.3, epochs=10, progress=False)
+    free = train_focus_directions(tiny.model, acts, HEADS, **kw)
+    contrast = train_focus_directions(tiny.model, acts, HEADS, loss="contrast", **kw)
+    assert contrast.directions.settings["loss"] == "contrast" and contrast.losses[-1] < contrast.losses[0]
+    scale = tiny.model.cfg.d_head ** -0.5
+
+    def gap(d_q, d_k):
+        return torch.stack([contrast_score(a, d_q, d_k, scale=scale) for a in acts]).mean(0)
+
+    def trained(result):
+        return [torch.stack([d[l, h] for l, h in HEADS]) for d in (result.directions.d_q, result.directions.d_k)]
+
+    zeros = torch.zeros(len(HEADS), tiny.model.cfg.d_head)
+    assert (gap(*trained(contrast)) > gap(zeros, zeros)).all()
+    # it optimises the gap, which the relevant loss only follows
+    assert gap(*trained(contrast)).mean() > gap(*trained(free)).mean()
+    bound = 0.5 * free.directions.d_q.norm(dim=-1).max().item()
+    capped = train_focus_directions(tiny.model, acts, HEADS, max_norm=bound, **kw)
+    for d in (capped.directions.d_q, capped.directions.d_k):
+        assert d.norm(dim=-1).max() <= bound * (1 + 1e-5)
+    assert capped.directions.settings["max_norm"] == bound and (capped.score_after > capped.score_before).all()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        train_focus_directions(tiny.model, acts, HEADS, loss="sink", **kw)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        train_focus_directions(tiny.model, acts, HEADS, max_norm=0.0, **kw)
+    with pytest.raises(ValueError, match="6 of 6 training examples have none"):
+        train_focus_directions(tiny.model, planted_activations(tiny), HEADS, loss="contrast", **kw)
+
+
 def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     """The on-disk cache on a tiny model reading real NQ prompts: what it returns equals a fresh
     collection; an interrupted build resumes at the missing example only; bad files fail clearly."""
@@ -222,9 +260,13 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     for ex in examples:
         ids = safe_open(str(ex.path), "pt").get_tensor("tokens")
         assert ex.span.end <= ex.response_start < ex.n_tokens == len(ids)
+        # the other two documents' spans are kept, apart from the gold one and each other
+        assert len(ex.others) == 2 and not any(o.overlaps(ex.span) for o in ex.others)
+        assert not ex.others[0].overlaps(ex.others[1]) and all(o.end <= ex.response_start for o in ex.others)
         for placement in ("post_rope", "pre_rope"):
             want = collect_activations(tiny.model, ids, ex.response_start, ex.span, heads, placement)
             got = cache.read(ex, heads, placement)
+            assert got.others == ex.others
             torch.testing.assert_close(got.q, want.q, atol=1e-5, rtol=0)
             torch.testing.assert_close(got.k, want.k, atol=1e-5, rtol=0)
     lazy = CachedActivations(cache, examples, heads, "post_rope")
