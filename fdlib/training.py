@@ -5,9 +5,9 @@ The loss is -S_C, the attention the chosen heads' response rows give the relevan
 `loss="contrast"`, -(S_C - S_IRmax): the relevant span's share minus that of the irrelevant
 document drawing the most, so a direction cannot win by raising every document (or the start of
 the prompt) alike. Both are computed from cached queries and keys exactly as the model computes
-its attention: the layer's own
-scaling (`query_pre_attn_scalar`, ...), attention-logit softcapping (Gemma 2) and sliding window
-(Mistral, Gemma 2/3), per chosen head (`span_score_settings`). Pre-RoPE activations live after
+its attention (`attention_rows`): the layer's own scaling (`query_pre_attn_scalar`, ...),
+attention-logit softcapping (Gemma 2) and sliding window (Mistral, Gemma 2/3), per chosen head
+(`span_score_settings`). Pre-RoPE activations live after
 the q/k norm and before the rotation, the space `fdlib.directions.focus_directions` adds
 pre-RoPE directions in; each layer's own rotation (Gemma 3: local and global bases) maps them.
 """
