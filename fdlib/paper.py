@@ -102,7 +102,7 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
             # every row), else the shards' sum; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
-            seconds, earlier, computed = 0.0, 0.0, 0
+            seconds, earlier, computed, elsewhere = 0.0, 0.0, 0, 0
             for p in stores:
                 with Store(p) as db:
                     prog = db.progress()
@@ -114,6 +114,7 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
                 counts[p] = (sum(r["expected"] for r in rows), sum(r["done"] for r in rows))
                 seconds += sum(r["seconds"] for r in runs)
                 earlier += sum(r["seconds"] for r in seeded)
+                elsewhere += sum(r["elsewhere_bytes"] for r in seeded)
                 computed += sum(r["computed"] for r in runs)
             main_counts = counts.get(path, (0, 0))
             expected, done = main_counts if main_counts[0] else (
@@ -126,7 +127,9 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             out.append({
                 "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
                 "eta_seconds": round(eta, 1),
-                "store_bytes": sum(p.stat().st_size for p in stores) + (path.stat().st_size if kept else 0),
+                # a seeded store holds the committed rows compactly: count them at the size they took
+                "store_bytes": sum(p.stat().st_size for p in stores) + (path.stat().st_size if kept else 0)
+                + elsewhere,
                 "results_bytes": results.stat().st_size if results.exists() else 0,
                 "state": "kept" if kept else (
                     "not started" if not stores else "complete" if expected and done == expected else "started"),
@@ -230,12 +233,15 @@ def seed_from_results(ws: Workspace, notebooks: Sequence[str] | None = None) -> 
 
 
 def seed_ledger(store: Path, entry: dict[str, Any]) -> None:
-    """Carry a study's manifest entry (rows asked for and stored, decoding time) into its
-    working store as the committed run's progress line."""
+    """Carry a study's manifest entry (rows asked for and stored, decoding time, store size) into
+    its working store as the committed run's progress line. The seeded copy (float16, only the
+    exported arrays) is smaller than the store that decoded the rows; the difference is kept so
+    the ledger reports the size the rows took there."""
     if entry.get("expected") or entry.get("seconds"):
+        elsewhere = max(0, int(entry.get("store_bytes", 0)) - store.stat().st_size)
         with Store(store) as db:
             db.note_progress(COMMITTED, expected=entry.get("expected", 0), done=entry.get("rows", 0),
-                             seconds=entry.get("seconds", 0.0))
+                             seconds=entry.get("seconds", 0.0), elsewhere_bytes=elsewhere)
 
 
 def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:

@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS progress (
     expected INTEGER NOT NULL, -- rows that call asked for, stored ones included
     done     INTEGER NOT NULL, -- of them, the rows stored
     seconds  REAL NOT NULL,    -- wall time spent decoding them, summed over calls
-    computed INTEGER NOT NULL DEFAULT 0 -- rows decoded in that time (the rest were stored before)
+    computed INTEGER NOT NULL DEFAULT 0, -- rows decoded in that time (the rest were stored before)
+    elsewhere_bytes INTEGER NOT NULL DEFAULT 0 -- bytes these rows took in the store that decoded them,
+                                               -- beyond their copy here (a store seeded from results)
 )
 """
 RESULTS_SUFFIX = ".jsonl.gz"
@@ -81,8 +83,10 @@ class Store:
         self._db = sqlite3.connect(str(path))
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
-        if "computed" not in {row[1] for row in self._db.execute("PRAGMA table_info(progress)")}:
-            self._db.execute("ALTER TABLE progress ADD COLUMN computed INTEGER NOT NULL DEFAULT 0")  # older stores
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(progress)")}
+        for column in ("computed", "elsewhere_bytes"):  # older stores lack them
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE progress ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         self._db.commit()
 
     def _writable(self) -> None:
@@ -131,23 +135,30 @@ class Store:
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM study_rows").fetchone()[0])
 
-    def note_progress(self, study: str, *, expected: int, done: int, seconds: float = 0.0, computed: int = 0) -> None:
+    def note_progress(self, study: str, *, expected: int, done: int, seconds: float = 0.0, computed: int = 0,
+                      elsewhere_bytes: int = 0) -> None:
         """Record where a study stands: rows asked for, rows stored, and `seconds` more spent
-        decoding `computed` more rows."""
+        decoding `computed` more rows. `elsewhere_bytes`: what rows copied in from another store
+        took there beyond their copy here (the largest given is kept)."""
         if self.read_only:
             return
         with self._db:
             self._db.execute(
-                "INSERT INTO progress (study, expected, done, seconds, computed) VALUES (?, ?, ?, ?, ?) "
+                "INSERT INTO progress (study, expected, done, seconds, computed, elsewhere_bytes) "
+                "VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(study) DO UPDATE SET expected=excluded.expected, done=excluded.done, "
-                "seconds=progress.seconds + excluded.seconds, computed=progress.computed + excluded.computed",
-                (study, int(expected), int(done), float(seconds), int(computed)),
+                "seconds=progress.seconds + excluded.seconds, computed=progress.computed + excluded.computed, "
+                "elsewhere_bytes=max(progress.elsewhere_bytes, excluded.elsewhere_bytes)",
+                (study, int(expected), int(done), float(seconds), int(computed), int(elsewhere_bytes)),
             )
 
     def progress(self) -> list[dict[str, Any]]:
-        """Per study run into this store: expected rows, stored rows, seconds spent, rows decoded."""
-        cur = self._db.execute("SELECT study, expected, done, seconds, computed FROM progress ORDER BY rowid")
-        return [dict(study=s, expected=e, done=d, seconds=t, computed=c) for s, e, d, t, c in cur]
+        """Per study run into this store: expected rows, stored rows, seconds spent, rows decoded,
+        and the bytes its rows took elsewhere (see `note_progress`)."""
+        cur = self._db.execute(
+            "SELECT study, expected, done, seconds, computed, elsewhere_bytes FROM progress ORDER BY rowid")
+        return [dict(study=s, expected=e, done=d, seconds=t, computed=c, elsewhere_bytes=b)
+                for s, e, d, t, c, b in cur]
 
 
 def check_shard(shard: tuple[int, int]) -> tuple[int, int]:

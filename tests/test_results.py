@@ -181,6 +181,8 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     before = manifest["studies"]["02_split_softmax"]
     assert (seeded["rows"], seeded["expected"], seeded["state"]) == (27, 27, "complete")
     assert seeded["seconds"] == pytest.approx(before["seconds"]) and seeded["eta_seconds"] == 0
+    # and the size the rows took in the store that decoded them (the seeded copy is smaller: no arrays)
+    assert store.stat().st_size < before["store_bytes"] <= seeded["store_bytes"] <= before["store_bytes"] + 16384
     paper.write_manifest(ws)
     assert json.loads((tmp_path / "results" / "manifest.json").read_text())["studies"]["02_split_softmax"] == seeded
     # a call rerun over the seeded rows (and one sample more) counts them once, and adds its own time
@@ -205,7 +207,7 @@ def test_store_of_an_older_schema_gains_the_computed_column(tmp_path):
     db.close()
     with Store(tmp_path / "old.sqlite") as store:
         store.note_progress("s", expected=4, done=3, seconds=0.5, computed=1)
-        assert store.progress() == [dict(study="s", expected=4, done=3, seconds=2.0, computed=1)]
+        assert store.progress() == [dict(study="s", expected=4, done=3, seconds=2.0, computed=1, elsewhere_bytes=0)]
 
 
 def test_merge_shards(tiny, tmp_path):
