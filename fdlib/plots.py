@@ -156,7 +156,8 @@ def save_figure(fig: go.Figure, name: str, directory: str | Path = "figures", *,
     return written
 
 
-_TAU_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17becf"]
+# One colour per parameter value: Figure 4's grid has 8 alphas (a repeat would merge two lines).
+_TAU_COLORS = ["#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#d62728", "#8c564b", "#17becf", "#e377c2", "#bcbd22"]
 
 
 def em_vs_k(

@@ -102,6 +102,16 @@ def test_em_vs_k_alpha_lines_skip_other_methods():
         plots.em_vs_k(both, param="k")
 
 
+def test_em_vs_k_gives_each_value_of_figure_4s_grid_its_own_colour():
+    alphas = (-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+    rows = [dict(input="long", heads=heads, alpha=a, k=k, em=0.1, lo=0.0, hi=0.2, n=10)
+            for a in alphas for heads in ("contextual", "random") for k in (1, 10)]
+    fig = plots.em_vs_k(pd.DataFrame(rows), param="alpha")
+    colour = {d.name: d.line.color for d in fig.data}
+    assert len({colour[f"alpha={a:g}, contextual"] for a in alphas}) == len(alphas)
+    assert all(colour[f"alpha={a:g}, random"] == colour[f"alpha={a:g}, contextual"] for a in alphas)
+
+
 def test_key_bias_and_loss_curves():
     fig = plots.key_bias([0.5, 0.1, 0.2, 0.3, 0.4], list("abcde"), [(1, 3), (3, 5)], 1, head="L1H2")
     by_name = {d.name: d for d in fig.data}
