@@ -312,6 +312,16 @@ def table2(frame: pd.DataFrame, *, ci: bool = False, level: float = 0.95, digits
     return cells
 
 
+def table2_n(frame: pd.DataFrame, baseline: str = "baseline") -> pd.Series:
+    """The number of samples behind each row of `table2` (its baseline column's), indexed as
+    `table2`'s rows."""
+    long = score_table(frame, ("task", "length"))
+    base = long[long["label"] == baseline]
+    if base.empty:
+        raise ValueError(f"no {baseline!r} condition in the frame; labels: {sorted(frame['label'].unique())}")
+    return base.set_index(["task", "length"])["n"]
+
+
 def versus_baseline(table: pd.DataFrame, baseline: str = "baseline", *, tol: float = 1e-9) -> pd.DataFrame:
     """+1 where a cell beats the row's baseline by more than `tol`, -1 where it is worse, 0 where
     equal; NaN in the baseline column and where either value is missing."""

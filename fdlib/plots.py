@@ -205,8 +205,10 @@ def em_vs_k(
         label = f"{b.input} input, no intervention: {b.em:.2f} [{b.lo:.2f}, {b.hi:.2f}]"
         fig.add_trace(go.Scatter(x=x_span, y=[b.em, b.em], mode="lines", line=dict(color=color, dash=dash, width=1.5),
                                  name=label, hovertemplate=label + "<extra></extra>"))
+    # Tall enough for every legend entry (~20 px each): Figure 4's grid has 16 lines and 3 baselines,
+    # and a static image cannot scroll its legend.
     fig.update_layout(title=title, xaxis_title="number of heads k", yaxis_title="exact match",
-                      xaxis_type="log", width=980, height=520)
+                      xaxis_type="log", width=980, height=max(520, 20 * len(fig.data) + 180))
     return fig
 
 
@@ -376,24 +378,31 @@ def versus_baseline_heatmap(
     baseline: str = "baseline",
     title: str = "Score per task and length, against the baseline",
     value_name: str = "score",
+    n: pd.Series | None = None,
 ) -> go.Figure:
     """A table laid out as the paper's Table 2 (rows: e.g. task x length; columns: the baseline,
     then each condition) as a heatmap of each cell minus its row's baseline: green better, red
     worse, white equal; each cell is written with its value, hover gives row, column, value,
-    baseline and difference."""
+    baseline and difference. `n` (indexed as the table's rows, e.g. `longctx.table2_n`) adds each
+    row's sample count to its label and hover."""
     if baseline not in table.columns:
         raise ValueError(f"no column {baseline!r} in the table; columns: {list(table.columns)}")
     values = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
     if values.size == 0:
         raise ValueError("the table is empty")
+    if n is not None and (missing := [r for r in table.index if r not in n.index]):
+        raise ValueError(f"n lacks rows {missing} of the table")
     base = values[:, list(table.columns).index(baseline)][:, None]
     diff = values - base
     rows = [" · ".join(map(str, r)) if isinstance(r, tuple) else str(r) for r in table.index]
+    counts = ["" if n is None else str(int(n.loc[r])) for r in table.index]
+    if n is not None:
+        rows = [f"{r} (n={c})" for r, c in zip(rows, counts)]
     cols = [str(c) for c in table.columns]
-    custom = np.empty(values.shape + (3,), dtype=object)
+    custom = np.empty(values.shape + (4,), dtype=object)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
-            custom[i, j] = (r, c, f"{base[i, 0]:.3f}")
+            custom[i, j] = (r, c, f"{base[i, 0]:.3f}", counts[i])
     span = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
     span = span or 1.0  # an all-equal table still gets a colour scale
     fig = go.Figure(
@@ -402,7 +411,7 @@ def versus_baseline_heatmap(
             texttemplate="%{text}", colorscale=[[0, "#d62728"], [0.5, "#ffffff"], [1, "#2ca02c"]],
             zmin=-span, zmax=span, colorbar=dict(title=f"{value_name} -<br>baseline"),
             hovertemplate="%{customdata[0]}<br>%{customdata[1]}: %{text}<br>baseline %{customdata[2]}"
-                          "<br>difference %{z:+.3f}<extra></extra>",
+                          "<br>difference %{z:+.3f}" + ("" if n is None else "<br>n=%{customdata[3]}") + "<extra></extra>",
         )
     )
     fig.update_layout(title=title, xaxis_title="condition", yaxis_title="task · length",

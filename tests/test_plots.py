@@ -112,6 +112,21 @@ def test_em_vs_k_gives_each_value_of_figure_4s_grid_its_own_colour():
     assert all(colour[f"alpha={a:g}, random"] == colour[f"alpha={a:g}, contextual"] for a in alphas)
 
 
+def test_em_vs_k_is_tall_enough_for_figure_4s_legend():
+    # 16 lines and 3 baselines: at the old fixed 520 px the static image clipped the last entries.
+    alphas = (-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+    rows = [dict(input="long", heads=heads, alpha=a, k=k, em=0.1, lo=0.0, hi=0.2, n=10)
+            for a in alphas for heads in ("contextual", "random") for k in (1, 10)]
+    rows += [dict(input=i, heads="none", alpha=np.nan, k=np.nan, em=0.1, lo=0.0, hi=0.2, n=10)
+             for i in ("long", "gold", "negative")]
+    fig = plots.em_vs_k(pd.DataFrame(rows), param="alpha")
+    assert len(fig.data) == 19
+    margins = 100 + 80  # plotly's default top and bottom margins
+    assert fig.layout.height - margins >= 19 * 19  # plotly's legend entry is ~19 px at the default font
+    small = plots.em_vs_k(pd.DataFrame(rows[:4]), param="alpha")
+    assert small.layout.height == 520  # small grids keep the usual size
+
+
 def test_key_bias_and_loss_curves():
     fig = plots.key_bias([0.5, 0.1, 0.2, 0.3, 0.4], list("abcde"), [(1, 3), (3, 5)], 1, head="L1H2")
     by_name = {d.name: d for d in fig.data}
