@@ -102,6 +102,7 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
             # every row), else the shards' sum; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
+            lines: dict[Path, list[tuple[int, float | None]]] = {}  # per store: (rows left, s/row of its call)
             seconds, earlier, computed, elsewhere = 0.0, 0.0, 0, 0
             for p in stores:
                 with Store(p) as db:
@@ -112,6 +113,8 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
                 runs = [r for r in prog if r["study"] != COMMITTED]
                 rows = runs or seeded
                 counts[p] = (sum(r["expected"] for r in rows), sum(r["done"] for r in rows))
+                lines[p] = [(r["expected"] - r["done"], r["seconds"] / r["computed"] if runs and r["computed"] else None)
+                            for r in rows]
                 seconds += sum(r["seconds"] for r in runs)
                 earlier += sum(r["seconds"] for r in seeded)
                 elsewhere += sum(r["elsewhere_bytes"] for r in seeded)
@@ -120,10 +123,14 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             expected, done = main_counts if main_counts[0] else (
                 sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
             results = committed_file(ws, name)
-            # the rate of the rows decoded so far; a sharded study's shards run side by side
-            rate = seconds / computed / max(1, len([p for p in stores if p != path])) if computed else 0.0
+            # Each call's rows left at that call's own rate (a study's calls differ: 03's comparison
+            # cell decodes ~4x slower than its grid); a call not yet decoding anything at the study's
+            # mean rate. A sharded study's shards run side by side.
+            mean_rate = seconds / computed if computed else 0.0
+            used = [path] if main_counts[0] else list(counts)
+            left = sum(n * (r if r is not None else mean_rate) for p in used for n, r in lines[p])
+            eta = left / max(1, len([p for p in used if p != path]))
             seconds += earlier
-            eta = (expected - done) * rate
             out.append({
                 "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
                 "eta_seconds": round(eta, 1),

@@ -196,6 +196,17 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     assert rerun["seconds"] == pytest.approx(before["seconds"] + sum(r["seconds"] for r in runs), abs=0.051)
 
 
+def test_status_eta_takes_each_calls_own_rate(tmp_path):
+    ws = build_ws(tmp_path, size="paper", recompute=True)
+    with Store(ws.store("03_focus")) as db:
+        db.note_progress("grid", expected=100, done=100, seconds=100.0, computed=100)  # 1 s/row, done
+        db.note_progress("compare", expected=50, done=10, seconds=100.0, computed=10)  # 10 s/row, 40 left
+        db.note_progress("later", expected=20, done=0)  # nothing decoded yet: the study's mean, 200 s / 110 rows
+    status = {r["study"]: r for r in paper.study_status(ws)}["03_focus"]
+    assert (status["rows"], status["expected"], status["seconds"]) == (110, 170, 200.0)
+    assert status["eta_seconds"] == pytest.approx(40 * 10 + 20 * 200 / 110, abs=0.1)  # not 60 rows x 1.8 s
+
+
 def test_store_of_an_older_schema_gains_the_computed_column(tmp_path):
     import sqlite3
 
