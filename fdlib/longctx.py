@@ -315,11 +315,11 @@ def table2(frame: pd.DataFrame, *, ci: bool = False, level: float = 0.95, digits
 def table2_n(frame: pd.DataFrame, baseline: str = "baseline") -> pd.Series:
     """The number of samples behind each row of `table2` (its baseline column's), indexed as
     `table2`'s rows."""
-    long = score_table(frame, ("task", "length"))
-    base = long[long["label"] == baseline]
+    _require(frame, ["task", "length", "label", "score"])
+    base = frame[frame["label"] == baseline]
     if base.empty:
         raise ValueError(f"no {baseline!r} condition in the frame; labels: {sorted(frame['label'].unique())}")
-    return base.set_index(["task", "length"])["n"]
+    return base.groupby(["task", "length"])["score"].count()  # as score_table's n: scores present
 
 
 def versus_baseline(table: pd.DataFrame, baseline: str = "baseline", *, tol: float = 1e-9) -> pd.DataFrame:

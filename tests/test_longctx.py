@@ -198,21 +198,6 @@ def test_long_context_figures():
     with pytest.raises(ValueError, match="no column"):
         plots.versus_baseline_heatmap(table.drop(columns="baseline"))
 
-
-def test_table2_heatmap_shows_each_rows_sample_count():
-    frame = _synthetic_frame()
-    frame = frame[frame.sample_id != "niah/4096/2"]  # that row has 2 samples, the others 3
-    table = longctx.table2(frame)
-    n = longctx.table2_n(frame)
-    assert n.to_dict() == {("json_kv", 2048): 3, ("json_kv", 4096): 3, ("niah", 2048): 3, ("niah", 4096): 2}
-    fig = plots.versus_baseline_heatmap(table, n=n)
-    assert list(fig.data[0].y) == ["json_kv · 2048 (n=3)", "json_kv · 4096 (n=3)", "niah · 2048 (n=3)", "niah · 4096 (n=2)"]
-    assert "n=%{customdata[3]}" in fig.data[0].hovertemplate and fig.data[0].customdata[3][0][3] == "2"
-    with pytest.raises(ValueError, match="n lacks rows"):
-        plots.versus_baseline_heatmap(table, n=n.drop(("niah", 4096)))
-    with pytest.raises(ValueError, match="no 'baseline' condition"):
-        longctx.table2_n(frame[frame.label != "baseline"])
-
     rows = []
     for c in longctx.lost_conditions():
         for p in (1, 20):
@@ -231,6 +216,23 @@ def test_table2_heatmap_shows_each_rows_sample_count():
     ct = longctx.condition_table(pd.DataFrame(rows))
     fig = plots.em_by_condition(ct)
     assert list(fig.data[0].x) == list(map(str, ct.label)) and fig.layout.yaxis.title.text == "exact match"
+
+
+def test_table2_heatmap_shows_each_rows_sample_count():
+    frame = _synthetic_frame()
+    frame = frame[frame.sample_id != "niah/4096/2"]  # that row has 2 samples, the others 3
+    table = longctx.table2(frame)
+    n = longctx.table2_n(frame)
+    assert n.to_dict() == {("json_kv", 2048): 3, ("json_kv", 4096): 3, ("niah", 2048): 3, ("niah", 4096): 2}
+    long = longctx.score_table(frame)
+    assert n.to_dict() == long[long.label == "baseline"].set_index(["task", "length"])["n"].to_dict()
+    fig = plots.versus_baseline_heatmap(table, n=n)
+    assert list(fig.data[0].y) == ["json_kv · 2048 (n=3)", "json_kv · 4096 (n=3)", "niah · 2048 (n=3)", "niah · 4096 (n=2)"]
+    assert "n=%{customdata[3]}" in fig.data[0].hovertemplate and fig.data[0].customdata[3][0][3] == "2"
+    with pytest.raises(ValueError, match="n lacks rows"):
+        plots.versus_baseline_heatmap(table, n=n.drop(("niah", 4096)))
+    with pytest.raises(ValueError, match="no 'baseline' condition"):
+        longctx.table2_n(frame[frame.label != "baseline"])
 
 
 # --- ablation against an independent reference -----------------------------------------------

@@ -102,11 +102,18 @@ def test_em_vs_k_alpha_lines_skip_other_methods():
         plots.em_vs_k(both, param="k")
 
 
+FIGURE_4_ALPHAS = (-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
+
+
+def _figure_4_rows() -> list[dict]:
+    """`em_table` rows of Figure 4's grid: each alpha on contextual and random heads, two k."""
+    return [dict(input="long", heads=heads, alpha=a, k=k, em=0.1, lo=0.0, hi=0.2, n=10)
+            for a in FIGURE_4_ALPHAS for heads in ("contextual", "random") for k in (1, 10)]
+
+
 def test_em_vs_k_gives_each_value_of_figure_4s_grid_its_own_colour():
-    alphas = (-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
-    rows = [dict(input="long", heads=heads, alpha=a, k=k, em=0.1, lo=0.0, hi=0.2, n=10)
-            for a in alphas for heads in ("contextual", "random") for k in (1, 10)]
-    fig = plots.em_vs_k(pd.DataFrame(rows), param="alpha")
+    alphas = FIGURE_4_ALPHAS
+    fig = plots.em_vs_k(pd.DataFrame(_figure_4_rows()), param="alpha")
     colour = {d.name: d.line.color for d in fig.data}
     assert len({colour[f"alpha={a:g}, contextual"] for a in alphas}) == len(alphas)
     assert all(colour[f"alpha={a:g}, random"] == colour[f"alpha={a:g}, contextual"] for a in alphas)
@@ -114,10 +121,7 @@ def test_em_vs_k_gives_each_value_of_figure_4s_grid_its_own_colour():
 
 def test_em_vs_k_is_tall_enough_for_figure_4s_legend():
     # 16 lines and 3 baselines: at the old fixed 520 px the static image clipped the last entries.
-    alphas = (-0.5, -0.2, 0.1, 0.2, 0.3, 0.4, 0.5, 1.0)
-    rows = [dict(input="long", heads=heads, alpha=a, k=k, em=0.1, lo=0.0, hi=0.2, n=10)
-            for a in alphas for heads in ("contextual", "random") for k in (1, 10)]
-    rows += [dict(input=i, heads="none", alpha=np.nan, k=np.nan, em=0.1, lo=0.0, hi=0.2, n=10)
+    rows = _figure_4_rows() + [dict(input=i, heads="none", alpha=np.nan, k=np.nan, em=0.1, lo=0.0, hi=0.2, n=10)
              for i in ("long", "gold", "negative")]
     fig = plots.em_vs_k(pd.DataFrame(rows), param="alpha")
     assert len(fig.data) == 19
