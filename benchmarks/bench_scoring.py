@@ -23,9 +23,9 @@ import time
 import torch
 
 import fdlib
-from fdlib.decoding import prefill
-from fdlib.engine import RowIntervention, decode_batch
-from fdlib.models import converted_checkpoint
+from fdlib.model.decoding import prefill
+from fdlib.interventions.engine import RowIntervention, decode_batch
+from fdlib.model.loading import converted_checkpoint
 
 
 def timed(fn):
@@ -111,7 +111,7 @@ def memory_child(which: str, n_docs: int) -> None:
     model = fdlib.load_model()
     s = fdlib.NQBuilder(model.tokenizer).samples(split="test", size=1, n_docs=n_docs)[0]
     if which == "sdpa":
-        twin = fdlib.models.fast_prefill_model(model)
+        twin = fdlib.model.loading.fast_prefill_model(model)
         with torch.inference_mode():
             mb, dt = _peak_rss_during(lambda: twin(s.input_ids[None], use_cache=True, logits_to_keep=1))
     else:

@@ -4,7 +4,7 @@ prompt cache vs one after another through the bridge's hooks, measured side by s
     python benchmarks/bench_sweep.py [--samples 2] [--conditions 32] [--questions 200] [--out FILE]
 
 Per sample, the same shared prefill, then
-  batched:    fdlib.engine.decode_batch, every condition a row, one forward per step;
+  batched:    fdlib.interventions.engine.decode_batch, every condition a row, one forward per step;
   sequential: every condition through the TransformerBridge with its hooks (the reference).
 Both must give identical answers (checked). Prints and writes (`--out`, JSON):
   1. conditions per second, batched / sequential (target >= 15x), one sample at a time and with
@@ -29,12 +29,12 @@ import time
 from pathlib import Path
 
 import fdlib
-from fdlib import sweeps
-from fdlib.conditions import Condition
-from fdlib.decoding import prefill
-from fdlib.directions import FocusDirections
-from fdlib.engine import Job, decode_batch, decode_jobs
-from fdlib.study import StudySample, decode_sequential, row_intervention, run_study
+from fdlib.experiments import sweeps
+from fdlib.study.conditions import Condition
+from fdlib.model.decoding import prefill
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import Job, decode_batch, decode_jobs
+from fdlib.study.runner import StudySample, decode_sequential, row_intervention, run_study
 
 DIRECTIONS = Path(__file__).resolve().parents[1] / "figures" / "data" / "directions_gold_post_rope.safetensors"
 
@@ -174,7 +174,7 @@ def main() -> None:
 def compute_params(model):
     """The HF model's parameters that cost FLOPs per token: all but the input embedding (a
     lookup), the output embedding counted once even when tied to it."""
-    twin = fdlib.models.fast_prefill_model(model)
+    twin = fdlib.model.loading.fast_prefill_model(model)
     emb = twin.get_input_embeddings().weight
     head = twin.get_output_embeddings().weight
     out = [(n, p) for n, p in twin.named_parameters() if p is not emb]

@@ -25,9 +25,9 @@ from pathlib import Path
 import pandas as pd
 
 import fdlib
-from fdlib import longctx, retrieval
-from fdlib.directions import FocusDirections, train_nq_directions
-from fdlib.tasks import TASKS
+from fdlib.experiments import longctx, retrieval
+from fdlib.interventions.directions import FocusDirections, train_nq_directions
+from fdlib.data.tasks import TASKS
 
 
 def _size(text: str) -> str | int:

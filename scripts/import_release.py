@@ -8,7 +8,7 @@ The source is the data of the authors' repository billzyx/focus_direction (MIT, 
     contextual_heads_scores_full_seq/<owner>_<name>/relevant_heads.json
     head_features/<owner>_<name>/direction_relevant/head_{q,k}_directions_<layer>.pth
 
-For each model of `fdlib.release.RELEASED_MODELS` it writes, into `--out`:
+For each model of `fdlib.interventions.release.RELEASED_MODELS` it writes, into `--out`:
 
 - `<owner>_<name>.safetensors`: an fdlib focus-directions file (`FocusDirections.save`): d_q and
   d_k stacked over layers to [n_layers, n_heads, d_head] float32, exact copies of the .pth
@@ -32,8 +32,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from fdlib.directions import FocusDirections
-from fdlib.release import RELEASED_MODELS, ReleasedModel, _package_dir, _release_settings
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.release import RELEASED_MODELS, ReleasedModel, _package_dir, _release_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "focus-direction-release"

@@ -88,7 +88,7 @@ def fake_samples(n: int, variant: str = "long"):
     """QASamples of random token ids with three 'documents' (gold = the second), for the tiny
     model: the engine only needs ids and spans."""
     import fdlib
-    from fdlib.data import Document, QASample
+    from fdlib.data.nq import Document, QASample
 
     out = []
     for i in range(n):

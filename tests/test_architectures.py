@@ -18,13 +18,18 @@ import torch
 import eager_reference as ref
 import fdlib
 from arch_models import ARCH_FACTS, ARCHS, WINDOW, build_arch, cached_arch
-from fdlib import arch
-from fdlib.decoding import prefill
-from fdlib.directions import FocusDirections, focus_directions
-from fdlib.interventions import ablate_heads, split_softmax
-from fdlib.retrieval import ArgmaxRecorder
-from fdlib.training import (collect_activations, contrast_score, span_score, span_score_settings,
-                            train_focus_directions)
+from fdlib.model import arch
+from fdlib.model.decoding import prefill
+from fdlib.interventions.directions import FocusDirections, focus_directions
+from fdlib.interventions.hooks import ablate_heads, split_softmax
+from fdlib.experiments.retrieval import ArgmaxRecorder
+from fdlib.interventions.training import (
+    collect_activations,
+    contrast_score,
+    span_score,
+    span_score_settings,
+    train_focus_directions,
+)
 
 # Tiny matrices: one thread is ~1000x faster than several spinning on shared cores.
 torch.set_num_threads(1)
@@ -52,7 +57,7 @@ def random_dirs(tiny, placement: str, seed: int = 0, scale: float = 1.0) -> Focu
     cfg = tiny.model.cfg
     shape = (cfg.n_layers, cfg.n_heads, cfg.d_head)
     return FocusDirections(torch.randn(shape, generator=g) * scale, torch.randn(shape, generator=g) * scale,
-                           fdlib.models.model_name(tiny.model), placement=placement)
+                           fdlib.model.loading.model_name(tiny.model), placement=placement)
 
 
 def logits(model, ids) -> torch.Tensor:
@@ -113,7 +118,7 @@ def test_cached_step_equals_full_forward(tiny, fast):
 
 def test_decode_matches_uncached_greedy_with_scores(tiny):
     prompt = ids_of(22, 4)
-    stop = fdlib.models.stop_tokens(tiny.tokenizer)
+    stop = fdlib.model.loading.stop_tokens(tiny.tokenizer)
     want = []
     for t in ref.greedy(tiny.hf, prompt, 12):  # cut where decode stops: EOS, or a newline after some text
         if t in stop.eos or (t in stop.newline and tiny.tokenizer.decode(want).strip()):

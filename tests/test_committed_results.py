@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import fdlib
-from fdlib.store import Store, load_results
-from fdlib.workspace import Workspace
+from fdlib.core.store import Store, load_results
+from fdlib.experiments.contextual import score_dataset
+from fdlib.runs.workspace import Workspace
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,6 @@ def test_committed_head_ranking_reproduces(smol):
     long = builder.samples(split="train", size=1, n_docs=20)
     gold = builder.samples(split="train", size=1, variant="gold")
     with Store(":memory:") as fresh:
-        fdlib.score_dataset(smol, long, store=fresh, progress=False)
-        fdlib.score_dataset(smol, gold, store=fresh, progress=False)
+        score_dataset(smol, long, store=fresh, progress=False)
+        score_dataset(smol, gold, store=fresh, progress=False)
         assert _compare(path, fresh, {long[0].id, gold[0].id}) == 2

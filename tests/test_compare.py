@@ -1,4 +1,4 @@
-"""Interventions compared (fdlib.compare): selection on train, tables against hand computations,
+"""Interventions compared (fdlib.experiments.compare): selection on train, tables against hand computations,
 the figure from arrays, one end-to-end run on the tiny model."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import fdlib
-from fdlib import compare, plots
-from fdlib.conditions import Condition
-from fdlib.directions import FocusDirections
-from fdlib.models import model_name
+from fdlib.experiments import compare
+from fdlib.views import plots
+from fdlib.study.conditions import Condition
+from fdlib.interventions.directions import FocusDirections
+from fdlib.model.loading import model_name
 from conftest import fake_samples
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
@@ -94,7 +95,7 @@ def test_end_to_end_on_the_tiny_model(tiny):
 def test_position_free_alphas_scaled_to_push_as_hard():
     import torch
 
-    from fdlib.directions import FocusDirections
+    from fdlib.interventions.directions import FocusDirections
 
     dq = torch.zeros(2, 4, 3)
     dq[1, 2] = torch.tensor([3.0, 4.0, 0.0])  # |d_Q| 5 on L1H2

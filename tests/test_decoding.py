@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.decoding import prefill
+from fdlib.model.decoding import prefill
 
 
 def test_cached_decode_step_equals_full_forward(tiny):
@@ -37,7 +37,7 @@ def test_decode_matches_uncached_greedy_and_restores_cache(tiny):
     prompt = torch.randint(5, 64, (20,))
     prefix = prefill(tiny.model, prompt)
     ref = greedy_reference(tiny.hf, prompt, 8)
-    stop = fdlib.models.stop_tokens(tiny.tokenizer)
+    stop = fdlib.model.loading.stop_tokens(tiny.tokenizer)
     assert stop.eos == {2} and stop.newline == {4}  # "</s>" and "\n" in the tiny vocabulary
     expected = []
     for t in ref:  # the reference cut where decode stops (EOS, or a newline after some text)
@@ -106,7 +106,7 @@ def test_bridge_prefill_equals_fast_prefill(tiny):
 
 
 def test_growable_cache_layer_matches_concatenation():
-    from fdlib.decoding import GrowableLayer
+    from fdlib.model.decoding import GrowableLayer
 
     torch.manual_seed(7)
     layer, ref_k, ref_v = GrowableLayer(), [], []

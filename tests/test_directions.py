@@ -7,8 +7,8 @@ import torch
 from transformers import AttentionInterface
 
 import fdlib
-from fdlib.decoding import prefill
-from fdlib.directions import FocusDirections, focus_directions
+from fdlib.model.decoding import prefill
+from fdlib.interventions.directions import FocusDirections, focus_directions
 
 HEADS = [(0, 1), (1, 3), (1, 2)]
 
@@ -65,7 +65,7 @@ def random_dirs(tiny, placement, seed=0, scale=3.0):
     cfg = tiny.model.cfg
     shape = (cfg.n_layers, cfg.n_heads, cfg.d_head)
     return FocusDirections(torch.randn(shape, generator=g) * scale, torch.randn(shape, generator=g) * scale,
-                           fdlib.models.model_name(tiny.model), placement=placement)
+                           fdlib.model.loading.model_name(tiny.model), placement=placement)
 
 
 @pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
@@ -145,7 +145,7 @@ def test_save_load_round_trip_and_validation(tiny, tmp_path):
 
 def planted_activations(tiny, n=6, placement="post_rope"):
     """Prompts of random tokens with a 'relevant' span; the response is the prompt's tail."""
-    from fdlib.training import collect_activations
+    from fdlib.interventions.training import collect_activations
 
     out = []
     for i in range(n):
@@ -155,13 +155,13 @@ def planted_activations(tiny, n=6, placement="post_rope"):
 
 
 def test_collected_activations_reproduce_the_model_pattern(tiny):
-    from fdlib.training import span_score
+    from fdlib.interventions.training import span_score
 
     ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(3))
     span = fdlib.Span(8, 14)
     want = fdlib.contextual_scores(tiny.model, ids, 24, {"c": span})["c"]
     for placement in ("post_rope", "pre_rope"):
-        from fdlib.training import _rope_cos_sin, collect_activations
+        from fdlib.interventions.training import _rope_cos_sin, collect_activations
 
         acts = collect_activations(tiny.model, ids, 24, span, HEADS, placement)
         zeros = torch.zeros(len(HEADS), tiny.model.cfg.d_head)
@@ -175,7 +175,7 @@ def test_collected_activations_reproduce_the_model_pattern(tiny):
 
 @pytest.mark.parametrize("placement", ["post_rope", "pre_rope"])
 def test_training_raises_the_relevant_score_deterministically(tiny, placement):
-    from fdlib.training import train_focus_directions
+    from fdlib.interventions.training import train_focus_directions
 
     acts = planted_activations(tiny, placement=placement)
     a = train_focus_directions(tiny.model, acts, HEADS, placement=placement, lr=0.3, epochs=10, progress=False)
@@ -185,7 +185,7 @@ def test_training_raises_the_relevant_score_deterministically(tiny, placement):
     assert torch.equal(a.directions.d_q, b.directions.d_q) and a.losses == b.losses
     # After RoPE the gradient of S_C with respect to d_K is zero up to float rounding (the term
     # it adds is constant along each row); before RoPE it is a real gradient.
-    from fdlib.training import _rope_cos_sin, span_score
+    from fdlib.interventions.training import _rope_cos_sin, span_score
 
     d_q = torch.randn(len(HEADS), tiny.model.cfg.d_head, generator=torch.Generator().manual_seed(0)).requires_grad_()
     d_k = torch.zeros(len(HEADS), tiny.model.cfg.d_head, requires_grad=True)
@@ -210,7 +210,7 @@ def test_contrastive_loss_and_norm_bound(tiny):
     """loss='contrast' trains on S_C - S_IRmax and raises it; max_norm keeps every direction
     within its bound (and binds: unbounded training goes past it); bad settings are refused
     before a step."""
-    from fdlib.training import collect_activations, contrast_score, train_focus_directions
+    from fdlib.interventions.training import collect_activations, contrast_score, train_focus_directions
 
     others = [fdlib.Span(0, 6), fdlib.Span(16, 22)]
     acts = [collect_activations(tiny.model, torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(100 + i)),
@@ -249,7 +249,12 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     collection; an interrupted build resumes at the missing example only; bad files fail clearly."""
     from conftest import build_tiny
 
-    from fdlib.training import ActivationCache, CachedActivations, build_activation_cache, collect_activations
+    from fdlib.interventions.training import (
+        ActivationCache,
+        CachedActivations,
+        build_activation_cache,
+        collect_activations,
+    )
     from safetensors import safe_open
 
     tiny = build_tiny(max_position_embeddings=4096)
@@ -293,7 +298,7 @@ def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
     row constant, computed from the cached keys by hand."""
     from conftest import fake_samples
 
-    from fdlib.directions import key_bias
+    from fdlib.interventions.directions import key_bias
 
     s = fake_samples(1)[0]
     dirs = random_dirs(tiny, "post_rope", scale=1.0)
@@ -311,8 +316,8 @@ def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
 def test_focus_table_shape_and_direction(tiny):
     from conftest import fake_samples
 
-    from fdlib.scoring import focus_table
-    from fdlib.training import train_focus_directions
+    from fdlib.experiments.contextual import focus_table
+    from fdlib.interventions.training import train_focus_directions
 
     acts = planted_activations(tiny)
     trained = train_focus_directions(tiny.model, acts, HEADS, lr=0.3, epochs=10, progress=False).directions
@@ -329,8 +334,8 @@ def test_shuffled_training_set_puts_the_gold_document_anywhere(tmp_path):
     drawn per question (reproducibly), so directions cannot learn one position."""
     from conftest import build_tiny
 
-    from fdlib.data import NQBuilder
-    from fdlib.training import ActivationCache, build_activation_cache, shuffled_position
+    from fdlib.data.nq import NQBuilder
+    from fdlib.interventions.training import ActivationCache, build_activation_cache, shuffled_position
 
     positions = [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]
     assert set(positions) == set(range(1, 21)) and positions == [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]

@@ -1,5 +1,5 @@
-"""The batched engine (fdlib.engine) against the sequential reference: the bridge's hooks, one
-condition at a time (fdlib.decoding.decode under fdlib's context managers)."""
+"""The batched engine (fdlib.interventions.engine) against the sequential reference: the bridge's hooks, one
+condition at a time (fdlib.model.decoding.decode under fdlib's context managers)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.decoding import decode, prefill
-from fdlib.directions import FocusDirections
-from fdlib.engine import RowIntervention, decode_batch
-from fdlib.heads import random_heads
-from fdlib.models import StopTokens, model_name
-from fdlib.interventions import ablate_heads, reweight_span
-from fdlib.reweighting import target_share
+from fdlib.model.decoding import decode, prefill
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import RowIntervention, decode_batch
+from fdlib.core.heads import random_heads
+from fdlib.model.loading import StopTokens, model_name
+from fdlib.interventions.hooks import ablate_heads, reweight_span
+from fdlib.interventions.reweighting import target_share
 from conftest import build_tiny, fake_samples
 
 
@@ -136,7 +136,7 @@ def test_continuous_batching_across_prompts_equals_one_prompt_at_a_time(stopping
     answer and scores are those of its prompt decoded alone."""
     from dataclasses import replace as dc_replace
 
-    from fdlib.engine import Job, decode_jobs
+    from fdlib.interventions.engine import Job, decode_jobs
 
     t, sample = stopping
     samples = [sample, dc_replace(sample, input_ids=sample.input_ids[:20]), dc_replace(sample, input_ids=torch.cat([sample.input_ids, sample.input_ids[:7]]))]

@@ -10,11 +10,11 @@ import torch
 
 from arch_models import ARCHS, cached_arch
 from eager_reference import Ablate, Focus, Split, greedy, run
-from fdlib.decoding import prefill
-from fdlib.directions import FocusDirections
-from fdlib.engine import RowIntervention, decode_batch
-from fdlib.models import StopTokens, model_name
-from fdlib.spans import Span
+from fdlib.model.decoding import prefill
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import RowIntervention, decode_batch
+from fdlib.model.loading import StopTokens, model_name
+from fdlib.core.spans import Span
 
 N_NEW = 6
 PROMPT = 20  # > the tiny models' window of 8
@@ -77,7 +77,7 @@ def test_batched_engine_equals_eager_reference(arch):
 def test_rows_of_prompts_of_different_lengths_in_one_batch(arch):
     """Continuous batching: two prompts (20 and 23 tokens) whose rows share forwards, each row at
     its own absolute position (RoPE / learned positions / windows), against the reference."""
-    from fdlib.engine import Job, decode_jobs
+    from fdlib.interventions.engine import Job, decode_jobs
 
     t = cached_arch(arch)
     model = t.model

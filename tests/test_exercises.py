@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fdlib import exercises as X
-from fdlib.spans import Span
+from fdlib.views import exercises as X
+from fdlib.core.spans import Span
 
 
 # --- (a) contextual score ----------------------------------------------------------------------

@@ -15,12 +15,12 @@ import torch
 
 import fdlib
 from conftest import fake_samples
-from fdlib import explorer as E
-from fdlib.conditions import Condition
-from fdlib import plots
-from fdlib.decoding import decode, prefill
-from fdlib.directions import FocusDirections, focus_directions
-from fdlib.scoring import top_heads
+from fdlib.views import explorer as E
+from fdlib.study.conditions import Condition
+from fdlib.views import plots
+from fdlib.model.decoding import decode, prefill
+from fdlib.interventions.directions import FocusDirections, focus_directions
+from fdlib.study.scores import top_heads
 
 
 def eager_attention(hf, ids):
@@ -174,11 +174,11 @@ def test_token_html_is_one_string_with_escaping_gold_and_scale():
 
 
 def test_explorer_callbacks_update_state(tiny, samples, monkeypatch):
-    import fdlib.decoding
+    import fdlib.model.decoding as decoding
 
     calls = []
-    real_prefill = fdlib.decoding.prefill
-    monkeypatch.setattr(fdlib.decoding, "prefill", lambda model, ids, **kw: calls.append(1) or real_prefill(model, ids, **kw))
+    real_prefill = fdlib.model.decoding.prefill
+    monkeypatch.setattr(fdlib.model.decoding, "prefill", lambda model, ids, **kw: calls.append(1) or real_prefill(model, ids, **kw))
     ex = E.HeadExplorer(tiny.model, samples, top_k=2, tau=0.2)
     # initial head: the best relevant head of the first sample's plain answer
     plain = E.explore_sample(tiny.model, samples[0], real_prefill(tiny.model, samples[0].input_ids), (0, 0))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fdlib import gallery
+from fdlib.views import gallery
 
 
 def layout(tmp_path):

@@ -9,9 +9,15 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.data import NQBuilder
-from fdlib.models import OFFLINE_MODELS, ModelNotAvailableError, converted_checkpoint, file_sha256, stop_tokens
-from fdlib.scoring import kind_scores
+from fdlib.data.nq import NQBuilder
+from fdlib.model.loading import (
+    OFFLINE_MODELS,
+    ModelNotAvailableError,
+    converted_checkpoint,
+    file_sha256,
+    stop_tokens,
+)
+from fdlib.study.scores import kind_scores
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +49,7 @@ def test_shape(gemma):
     assert hf.num_key_value_heads == 1 and hf.sliding_window == 512
     assert [i for i, t in enumerate(hf.layer_types) if t == "full_attention"] == [5, 11, 17]
     assert hf.architectures == ["Gemma3ForCausalLM"]  # named by fdlib: the GGUF does not say
-    assert fdlib.models.model_name(gemma) == "google/gemma-3-270m"
+    assert fdlib.model.loading.model_name(gemma) == "google/gemma-3-270m"
 
 
 def test_gguf_checksum(tmp_path):
@@ -51,10 +57,10 @@ def test_gguf_checksum(tmp_path):
 
     spec = OFFLINE_MODELS[NAME]
     assert spec.sha256 == package.EXPECTED_SHA256
-    path = fdlib.models._gguf_path(spec, tmp_path / "ok")
+    path = fdlib.model.loading._gguf_path(spec, tmp_path / "ok")
     assert path.name == "gemma-3-270m-q4_k_m.gguf" and file_sha256(path) == spec.sha256
     with pytest.raises(ModelNotAvailableError, match=r"checksum mismatch for gemma-3-270m-q4_k_m.gguf.*refusing"):
-        fdlib.models._gguf_path(dataclasses.replace(spec, sha256="0" * 64), tmp_path / "bad")
+        fdlib.model.loading._gguf_path(dataclasses.replace(spec, sha256="0" * 64), tmp_path / "bad")
     assert list((tmp_path / "bad").iterdir()) == []
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.data import NQBuilder, load_nq, split_examples
-from fdlib.decoding import prefill
-from fdlib.models import converted_checkpoint
+from fdlib.data.nq import NQBuilder, load_nq, split_examples
+from fdlib.model.decoding import prefill
+from fdlib.model.loading import converted_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def test_document_spans_are_exact(smol, builder, n_docs, gold_position):
 
 
 def test_variants_share_distractors_and_exclude_answers(builder):
-    from fdlib.evaluate import normalize_answer
+    from fdlib.core.metrics import normalize_answer
 
     ex = split_examples(builder.examples, "test")[5]
     long = builder.sample(ex, n_docs=20, gold_position=5)
@@ -112,7 +112,7 @@ def test_greedy_answer_equals_transformers_generate(smol, builder, eager_referen
 def test_shared_prefill_answers_equal_fresh_bridge_runs(smol, builder):
     """Split-softmax configurations decoded from one shared fast prefill give the same answers as
     each configuration run from scratch with the full prompt through the bridge, hooks on."""
-    from fdlib.heads import random_heads
+    from fdlib.core.heads import random_heads
 
     sample = builder.samples(size=2, n_docs=5)[1]
     heads = [(20, 8), (22, 2), (21, 1), (22, 7), (23, 2)]

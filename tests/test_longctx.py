@@ -1,4 +1,4 @@
-"""Long-context studies (fdlib.longctx) and head ablation (fdlib.interventions.ablate_heads):
+"""Long-context studies (fdlib.experiments.longctx) and head ablation (fdlib.interventions.hooks.ablate_heads):
 table logic on synthetic results, the ablation against an independent reference on the plain HF
 model, the engine's resume and identity rules, and refusal of over-long inputs before any forward."""
 
@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import fdlib
-from fdlib import longctx, plots
-from fdlib.directions import FocusDirections
-from fdlib.evaluate import bootstrap_ci
-from fdlib.interventions import ablate_heads
-from fdlib.conditions import Condition
-from fdlib.longctx import BASELINE
-from fdlib.study import StudySample
-from fdlib.models import model_name
-from fdlib.tasks import TaskSample
+from fdlib.experiments import longctx
+from fdlib.views import plots
+from fdlib.interventions.directions import FocusDirections
+from fdlib.core.metrics import bootstrap_ci
+from fdlib.interventions.hooks import ablate_heads
+from fdlib.study.conditions import Condition
+from fdlib.experiments.longctx import BASELINE
+from fdlib.study.runner import StudySample
+from fdlib.model.loading import model_name
+from fdlib.data.tasks import TaskSample
 
 RELEVANT = fdlib.Span(10, 16)
 
@@ -57,11 +58,11 @@ def test_condition_keys_labels_and_validation():
 
 
 def test_sized():
-    assert fdlib.data.sized({"quick": 2}, "quick") == 2 and fdlib.data.sized({"quick": 2}, 7) == 7
+    assert fdlib.data.nq.sized({"quick": 2}, "quick") == 2 and fdlib.data.nq.sized({"quick": 2}, 7) == 7
     with pytest.raises(ValueError, match="unknown size 'huge'"):
-        fdlib.data.sized({"quick": 2}, "huge")
+        fdlib.data.nq.sized({"quick": 2}, "huge")
     with pytest.raises(ValueError, match=">= 1"):
-        fdlib.data.sized({"quick": 2}, 0)
+        fdlib.data.nq.sized({"quick": 2}, 0)
 
 
 # --- tables on synthetic results -------------------------------------------------------------

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.models import ModelNotAvailableError
+from fdlib.model.loading import ModelNotAvailableError
 
 
 def test_unknown_model_name_fails_fast_and_clearly(monkeypatch):
@@ -24,7 +24,7 @@ def test_missing_local_checkpoint_dir(tmp_path):
 
 
 def test_fast_prefill_twin_shares_weights(tiny):
-    twin = fdlib.models.fast_prefill_model(tiny.model)
+    twin = fdlib.model.loading.fast_prefill_model(tiny.model)
     assert twin is not None and twin.config._attn_implementation == "sdpa"
     hf = tiny.model.original_model
     assert twin.lm_head.weight.data_ptr() == hf.lm_head.weight.data_ptr()
@@ -33,7 +33,7 @@ def test_fast_prefill_twin_shares_weights(tiny):
 
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
-    from fdlib.models import cache_dir
+    from fdlib.model.loading import cache_dir
 
     monkeypatch.setenv("FDLIB_CACHE_DIR", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
@@ -42,7 +42,7 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 
 
 def test_missing_offline_package_is_named(monkeypatch):
-    from fdlib import models
+    from fdlib.model import loading as models
 
     monkeypatch.setitem(models.OFFLINE_MODELS, "ghost", models.OfflineModel("org/Ghost", "no_such_pkg_xyz", "g.gguf"))
     monkeypatch.setenv("FDLIB_CACHE_DIR", "/nonexistent-fdlib-cache")
@@ -83,7 +83,7 @@ def test_missing_architectures_are_named_after_the_model_class(tiny):
 def test_conversion_names_the_architecture(monkeypatch, tmp_path, tiny):
     """converted_checkpoint writes `architectures` even when the loaded GGUF model has none."""
     import transformers
-    from fdlib import models
+    from fdlib.model import loading as models
 
     hf = _tiny_gemma3(tiny.tokenizer)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: hf)
@@ -105,7 +105,7 @@ def test_stop_tokens_include_gemma_and_chat_ends():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from fdlib.models import stop_tokens
+    from fdlib.model.loading import stop_tokens
 
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<end_of_turn>": 4, "<|im_end|>": 5, "\n": 6, "a": 7, "b\n": 8}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -132,7 +132,7 @@ def test_assembled_gguf_is_checksummed(monkeypatch, tmp_path):
     import dataclasses
     import hashlib
 
-    from fdlib import models
+    from fdlib.model import loading as models
 
     payload = b"GGUF fake weights"
     (tmp_path / "site").mkdir()
@@ -152,7 +152,7 @@ def test_assembled_gguf_is_checksummed(monkeypatch, tmp_path):
 
 
 def test_located_gguf_with_wrong_checksum_is_refused(monkeypatch, tmp_path):
-    from fdlib import models
+    from fdlib.model import loading as models
 
     pkg = tmp_path / "site" / "fake_data_gguf"
     pkg.mkdir(parents=True)
@@ -167,7 +167,7 @@ def test_located_gguf_with_wrong_checksum_is_refused(monkeypatch, tmp_path):
 
 
 def test_missing_chunked_package_asks_for_its_dependencies(monkeypatch):
-    from fdlib import models
+    from fdlib.model import loading as models
 
     spec = models.OfflineModel("org/Gh", "no_such_chunked_xyz", "g.gguf", sha256="0" * 64, assembled=True, pip_name="no-such-chunked")
     with pytest.raises(ModelNotAvailableError, match=r"install it with `pip install no-such-chunked`"):
@@ -175,7 +175,7 @@ def test_missing_chunked_package_asks_for_its_dependencies(monkeypatch):
 
 
 def test_gemma_is_an_offline_model():
-    from fdlib.models import OFFLINE_MODELS
+    from fdlib.model.loading import OFFLINE_MODELS
 
     spec = OFFLINE_MODELS["gemma-3-270m"]
     assert spec.assembled and spec.gguf_file == "gemma-3-270m-q4_k_m.gguf" and len(spec.sha256) == 64

@@ -6,7 +6,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from fdlib import plots
+from fdlib.views import plots
 
 
 def test_head_heatmap_hover_and_axes():

@@ -10,8 +10,17 @@ import tempfile
 import pytest
 
 import fdlib
-from fdlib.data import Document, NQBuilder, NQExample, build_sample, encode_prompt, load_nq, prompt_format, render_prompt
-from fdlib.tasks import json_kv_task, needle_task, rag_task
+from fdlib.data.nq import (
+    Document,
+    NQBuilder,
+    NQExample,
+    build_sample,
+    encode_prompt,
+    load_nq,
+    prompt_format,
+    render_prompt,
+)
+from fdlib.data.tasks import json_kv_task, needle_task, rag_task
 
 EXAMPLE = NQExample(
     index=7,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from fdlib.directions import FocusDirections
-from fdlib.release import (
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.release import (
     RELEASE_ALPHA,
     RELEASE_K,
     RELEASED_MODELS,
@@ -103,7 +103,7 @@ def test_load_release_for_a_released_model():
 
 
 def test_refuses_a_model_that_is_not_released(tiny):
-    from fdlib.models import model_name
+    from fdlib.model.loading import model_name
 
     name = model_name(tiny.model)
     assert name not in RELEASED_MODELS

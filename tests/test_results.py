@@ -1,5 +1,5 @@
-"""Committed results files (fdlib.store export/load), the workspace's paths per size
-(fdlib.workspace), the paper-size pipeline's ledger (fdlib.paper) and rendering without decoding."""
+"""Committed results files (fdlib.core.store export/load), the workspace's paths per size
+(fdlib.runs.workspace), the paper-size pipeline's ledger (fdlib.runs.paper) and rendering without decoding."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 
 import fdlib
-from fdlib import paper, reproduce, study
-from fdlib.conditions import Condition
-from fdlib.gallery import record_findings, results_markdown, update_readme
-from fdlib.store import Store, export_results, load_results, open_store
-from fdlib.study import run_study, study_frame
-from fdlib.workspace import Workspace, parse_shard
+from fdlib.runs import paper, reproduce
+from fdlib.study import runner as study
+from fdlib.study.conditions import Condition
+from fdlib.views.gallery import record_findings, results_markdown, update_readme
+from fdlib.core.store import Store, export_results, load_results, open_store
+from fdlib.study.runner import run_study, study_frame
+from fdlib.runs.workspace import Workspace, parse_shard
 from conftest import fake_samples
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
@@ -291,7 +292,7 @@ def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
 
     nb = nbformat.v4.new_notebook(cells=[
         nbformat.v4.new_markdown_cell("# a"),
-        nbformat.v4.new_code_cell("import os, json\nfrom fdlib.workspace import Workspace\nws = Workspace.from_env()"),
+        nbformat.v4.new_code_cell("import os, json\nfrom fdlib.runs.workspace import Workspace\nws = Workspace.from_env()"),
         nbformat.v4.new_code_cell("json.dump([ws.size, ws.recompute, list(ws.shard), os.getcwd(), "
                                   "os.environ.get('OMP_NUM_THREADS')], open('out.json', 'w'))"),
     ])
@@ -318,7 +319,7 @@ def test_stopping_the_run_stops_the_notebook(tmp_path):
     nbs.mkdir()
     cell = "import os, time\nopen('child.pid', 'w').write(str(os.getpid()))\ntime.sleep(60)"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)]), nbs / "01_contextual_heads.ipynb")
-    run = subprocess.Popen([sys.executable, "-m", "fdlib.paper", "run", "--only", "01", "--root", str(tmp_path)],
+    run = subprocess.Popen([sys.executable, "-m", "fdlib", "paper", "run", "--only", "01", "--root", str(tmp_path)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid_file = nbs / "child.pid"
     for _ in range(300):

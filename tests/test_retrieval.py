@@ -1,4 +1,4 @@
-"""Retrieval heads (fdlib.retrieval): the per-step copy-paste rule by hand, the ROUGE filter, and
+"""Retrieval heads (fdlib.experiments.retrieval): the per-step copy-paste rule by hand, the ROUGE filter, and
 the decode alignment on the tiny model with one head's attention and the answer forced."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fdlib
-from fdlib import retrieval
-from fdlib.decoding import hooks
-from fdlib.tasks import TaskSample
+from fdlib.experiments import retrieval
+from fdlib.model.decoding import hooks
+from fdlib.data.tasks import TaskSample
 
 
 def test_rouge1_recall():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.decoding import prefill
-from fdlib.scoring import kind_scores
+from fdlib.model.decoding import prefill
+from fdlib.study.scores import kind_scores
 
 SPANS = {"sink": fdlib.Span(0, 1), "a": fdlib.Span(3, 10), "b": fdlib.Span(20, 35), "tail": fdlib.Span(30, 40)}
 

@@ -3,8 +3,9 @@ import math
 import numpy as np
 import pytest
 
-from fdlib import Span, best_subspan_em, bootstrap_ci, normalize_answer
-from fdlib.spans import check_spans
+from fdlib import Span, best_subspan_em, bootstrap_ci
+from fdlib.core.metrics import normalize_answer
+from fdlib.core.spans import check_spans
 
 
 def test_span_basics():

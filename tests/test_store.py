@@ -6,8 +6,9 @@ import torch
 from conftest import fake_samples
 
 import fdlib
-import fdlib.scoring as scoring
-from fdlib.store import Row, Store
+import fdlib.study.scores as scoring
+from fdlib.experiments.contextual import score_dataset
+from fdlib.core.store import Row, Store
 
 
 def test_store_round_trip_and_replace(tmp_path):
@@ -26,9 +27,9 @@ def test_store_round_trip_and_replace(tmp_path):
 
 def test_interrupted_scoring_resumes_without_duplicates(tiny, tmp_path, monkeypatch):
     samples = fake_samples(5)
-    clean = scoring.score_dataset(tiny.model, samples, store=tmp_path / "clean.sqlite", progress=False)
+    clean = score_dataset(tiny.model, samples, store=tmp_path / "clean.sqlite", progress=False)
 
-    import fdlib.study as study
+    import fdlib.study.runner as study
 
     real = study.prefill
     calls = {"n": 0}
@@ -42,26 +43,26 @@ def test_interrupted_scoring_resumes_without_duplicates(tiny, tmp_path, monkeypa
     monkeypatch.setattr(study, "prefill", dying)
     path = tmp_path / "resumed.sqlite"
     with pytest.raises(KeyboardInterrupt):
-        scoring.score_dataset(tiny.model, samples, store=path, progress=False)
+        score_dataset(tiny.model, samples, store=path, progress=False)
     assert len(Store(path)) == 3  # only the sample in flight was lost
     done = []
     monkeypatch.setattr(study, "prefill", lambda m, ids, **kw: done.append(len(ids)) or real(m, ids, **kw))
-    resumed = scoring.score_dataset(tiny.model, samples, store=path, progress=False)
+    resumed = score_dataset(tiny.model, samples, store=path, progress=False)
     assert len(done) == 2  # finished samples were not recomputed
     assert len(Store(path)) == 5
     assert [r.sample_id for r in resumed] == [r.sample_id for r in clean]
     for a, b in zip(resumed, clean):
         assert a.answer == b.answer and a.em == b.em
-        for k in fdlib.KINDS:
+        for k in scoring.KINDS:
             torch.testing.assert_close(a.kinds[k], b.kinds[k], equal_nan=True)
 
 
 def test_score_dataset_equals_score_sample(tiny):
     """The runner's scores are score_sample's (the bridge decode with its recorder)."""
     samples = fake_samples(2) + fake_samples(2, "gold") + fake_samples(1, "negative")
-    got = scoring.score_dataset(tiny.model, samples, progress=False)
+    got = score_dataset(tiny.model, samples, progress=False)
     for s, r in zip(samples, got):
         want = scoring.score_sample(tiny.model, s)
         assert r.answer == want.answer and r.em == want.em
-        for k in fdlib.KINDS:
+        for k in scoring.KINDS:
             torch.testing.assert_close(r.kinds[k], want.kinds[k], equal_nan=True, atol=1e-5, rtol=0)

@@ -1,4 +1,4 @@
-"""The study runner (fdlib.study) and conditions (fdlib.conditions): batched == sequential,
+"""The study runner (fdlib.study.runner) and conditions (fdlib.study.conditions): batched == sequential,
 resume after a kill, rows keyed by everything that made them."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import fdlib
-from fdlib.conditions import Condition, focus_grid, reweight_grid
-from fdlib.directions import FocusDirections
-from fdlib.models import model_name
-from fdlib.store import Store
-from fdlib.study import run_study, study_frame
+from fdlib.study.conditions import Condition, focus_grid, reweight_grid
+from fdlib.interventions.directions import FocusDirections
+from fdlib.model.loading import model_name
+from fdlib.core.store import Store
+from fdlib.study.runner import StudySample, run_study, study_frame
 from conftest import fake_samples
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
@@ -123,9 +123,9 @@ _CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny, fake_samples
-from fdlib.conditions import Condition
-from fdlib.store import Store
-from fdlib.study import run_study
+from fdlib.study.conditions import Condition
+from fdlib.core.store import Store
+from fdlib.study.runner import run_study
 put = Store.put
 def slow_put(self, rows):
     put(self, rows)
@@ -179,7 +179,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny, tmp_path):
 
 
 def test_shards_cover_the_samples_once(tiny, tmp_path):
-    from fdlib.store import merge_stores
+    from fdlib.core.store import merge_stores
 
     conds = [Condition.baseline(), Condition.split(0.3, "contextual", 2)]
     kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=4)
@@ -213,7 +213,7 @@ def test_runner_refuses_before_any_forward(tiny):
 
 
 def test_nq_and_task_samples_share_one_protocol():
-    from fdlib.tasks import TaskSample
+    from fdlib.data.tasks import TaskSample
 
     qa = fake_samples(1)[0]
     assert qa.named_spans()["relevant"] == qa.gold_span and qa.named_spans()["sink"] == fdlib.Span(0, 1)
@@ -225,7 +225,7 @@ def test_nq_and_task_samples_share_one_protocol():
                       answers=("w7",), question="q", depth=0.5)
     assert task.variant == "long" and task.metric == "em" and task.score("w7") == 1.0
     for s in (qa, task):
-        st = fdlib.StudySample(s)
+        st = StudySample(s)
         assert st.spans() == s.named_spans() and st.score("w7") == s.score("w7") and st.variant == s.variant
 
 
@@ -233,10 +233,10 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     """focus_auto: one probe step over the shared prefix measures the heads' sink share at the
     first answer row for every candidate alpha (checked against the bridge's recorder), the
     closest to the target wins, and the row decodes as focus directions at that alpha."""
-    from fdlib.conditions import AUTO_ALPHAS
-    from fdlib.decoding import SpanRecorder, hooks, prefill
-    from fdlib.engine import RowIntervention, first_row_scores
-    from fdlib.study import StudySample, choose_alpha
+    from fdlib.study.conditions import AUTO_ALPHAS
+    from fdlib.model.decoding import SpanRecorder, hooks, prefill
+    from fdlib.interventions.engine import RowIntervention, first_row_scores
+    from fdlib.study.runner import StudySample, choose_alpha
 
     s = fake_samples(1)[0]
     dirs = _dirs(tiny.model, 3)
@@ -286,7 +286,7 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
 def test_task_samples_are_their_own_groups(tiny, tmp_path):
     """Each task sample is a transaction and shard unit of its own (two samples of one task are
     not one group), while an NQ question's variants share one."""
-    from fdlib.tasks import TaskSample
+    from fdlib.data.tasks import TaskSample
 
     def task(i):
         ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(i))
@@ -294,7 +294,7 @@ def test_task_samples_are_their_own_groups(tiny, tmp_path):
                           answers=("w7",), question="q", depth=0.5)
 
     samples = [task(0), task(1), task(2)]
-    assert len({fdlib.StudySample(s).group for s in samples}) == 3
+    assert len({StudySample(s).group for s in samples}) == 3
     assert {s.group for s in fake_samples(1) + fake_samples(1, "gold")} == {"s0"}
     conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2)]
     kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=3)

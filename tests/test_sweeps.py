@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 from conftest import fake_samples
 
-import fdlib.sweeps as sweeps
-import fdlib.study as study
-from fdlib.conditions import Condition
-from fdlib.heads import random_heads
-from fdlib.store import Store, merge_stores
-from fdlib.sweeps import QuestionInputs, run_sweep, split_grid, sweep_frame
+import fdlib.experiments.sweeps as sweeps
+import fdlib.study.runner as study
+from fdlib.study.conditions import Condition
+from fdlib.core.heads import random_heads
+from fdlib.core.store import Store, merge_stores
+from fdlib.experiments.sweeps import QuestionInputs, run_sweep, split_grid, sweep_frame
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 1), (1, 1)]
 
@@ -100,8 +100,8 @@ def test_focus_grid():
 def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
     from test_directions import random_dirs
 
-    from fdlib.decoding import decode, prefill
-    from fdlib.directions import focus_directions
+    from fdlib.model.decoding import decode, prefill
+    from fdlib.interventions.directions import focus_directions
 
     qs = questions(2)
     dirs = random_dirs(tiny, "post_rope", scale=2.0)
@@ -126,8 +126,8 @@ def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
 
 
 def test_attention_per_document_equals_the_sequential_decode(tiny):
-    from fdlib.decoding import decode, prefill
-    from fdlib.interventions import split_softmax
+    from fdlib.model.decoding import decode, prefill
+    from fdlib.interventions.hooks import split_softmax
 
     s = fake_samples(1)[0]
     got = sweeps.attention_per_document(tiny.model, s, (1, 2), Condition.split(0.05, [(1, 2), (0, 3)]), max_new_tokens=6)

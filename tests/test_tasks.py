@@ -1,4 +1,4 @@
-"""Long-context task generators (fdlib.tasks) on the real SmolLM2 tokenizer, loaded offline
+"""Long-context task generators (fdlib.data.tasks) on the real SmolLM2 tokenizer, loaded offline
 (fdlib's converted checkpoint when cached, else the shipped GGUF's tokenizer only: no weights)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import fdlib
-from fdlib import tasks
-from fdlib.data import NQBuilder
-from fdlib.tasks import TaskSample
+from fdlib.data import tasks
+from fdlib.data.nq import NQBuilder
+from fdlib.data.tasks import TaskSample
 
 LENGTHS = (2048, 4096, 8192)  # JSON pairs are ~65 tokens: at 1k only within one pair (~6%)
 
@@ -22,13 +22,7 @@ LENGTHS = (2048, 4096, 8192)  # JSON pairs are ~65 tokens: at 1k only within one
 def tok():
     from transformers import AutoTokenizer
 
-    from fdlib.models import (
-        DEFAULT_MODEL,
-        OFFLINE_MODELS,
-        ModelNotAvailableError,
-        _gguf_path,
-        cache_dir,
-    )
+    from fdlib.model.loading import DEFAULT_MODEL, OFFLINE_MODELS, ModelNotAvailableError, _gguf_path, cache_dir
 
     converted = cache_dir() / "models" / DEFAULT_MODEL
     if (converted / "tokenizer.json").is_file():

@@ -2,12 +2,12 @@
 the spread of the contextual heads' sink scores across tasks (its Tables 12-13), lost in the
 middle, and retrieval heads (Wu et al., 2024) against contextual heads (its Figure 9).
 
-One runner, `fdlib.study.run_study`, serves all of them: per sample one prefill, then every condition
+One runner, `fdlib.study.runner.run_study`, serves all of them: per sample one prefill, then every condition
 (no intervention, split-softmax, focus directions, head ablation) decodes its greedy answer from
 that shared KV cache, in batches of rows. The interventions touch the answer rows only (from the last prompt row on),
 unless a condition asks for `rows="all"`, which prefills the prompt again under the hooks. Each
 sample's rows go to the SQLite store in one transaction, so a rerun skips what is stored. Tables
-are built from the store (`study_frame`); figures from the tables (`fdlib.plots`).
+are built from the store (`study_frame`); figures from the tables (`fdlib.views.plots`).
 
 Lengths: a study length L is the whole budget, prompt + answer. Prompts get
 `L - max_new_tokens` tokens (so 8192 fits an 8192-token window with a 32-token answer), and a
@@ -27,14 +27,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import RANDOM, Condition, Rows
-from fdlib.data import NQBuilder, sized
-from fdlib.directions import FocusDirections
-from fdlib.evaluate import bootstrap_ci
-from fdlib.heads import Head
-from fdlib.store import Store
-from fdlib.study import StudySample, run_study, study_frame  # noqa: F401  (study_frame: the reader of these stores)
-from fdlib.tasks import NQ_TASKS, TASKS, task_samples
+from fdlib.study.conditions import RANDOM, Condition, Rows
+from fdlib.data.nq import NQBuilder, sized
+from fdlib.interventions.directions import FocusDirections
+from fdlib.core.metrics import bootstrap_ci
+from fdlib.core.heads import Head
+from fdlib.core.store import Store
+from fdlib.study.runner import (
+    StudySample,
+    run_study,
+    study_frame  # noqa: F401  (study_frame: the reader of these stores,
+)
+from fdlib.data.tasks import NQ_TASKS, TASKS, task_samples
 
 Size = Literal["quick", "paper", "full"]
 
@@ -406,7 +410,7 @@ def _check_labels(frame: pd.DataFrame) -> None:
 def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"the frame lacks columns {missing}; build it with fdlib.longctx.study_frame")
+        raise ValueError(f"the frame lacks columns {missing}; build it with fdlib.experiments.longctx.study_frame")
 
 
 # ---------------------------------------------------------------------------------------------

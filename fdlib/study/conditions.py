@@ -13,15 +13,15 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
-from fdlib.heads import Head, head_label, random_heads
-from fdlib.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
+from fdlib.core.heads import Head, head_label, random_heads
+from fdlib.interventions.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
 
 Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate"]
 METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate")
 # Focus directions with alpha chosen per input, by an absolute or a relative sink target.
 AUTO: tuple[str, ...] = ("focus_auto", "focus_kept")
 FOCUS: tuple[str, ...] = ("focus",) + AUTO
-# Automatic alpha: the candidates one probe step tries per input (`fdlib.study.choose_alpha`).
+# Automatic alpha: the candidates one probe step tries per input (`fdlib.study.runner.choose_alpha`).
 AUTO_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 Rows = Literal["response", "all"]
 RANDOM = "random"  # the head choice drawing k heads with a seed
@@ -33,10 +33,10 @@ class Condition:
     """One way to decode a sample.
 
     - `method`: "baseline" (no intervention); "split" / "odds" / "boost" (span reweighting of the
-      `span` named on the sample, parameter `value` = tau / a / m, see `fdlib.reweighting`);
+      `span` named on the sample, parameter `value` = tau / a / m, see `fdlib.interventions.reweighting`);
       "focus" (focus directions: `directions` names a set handed to the runner, `value` = alpha);
       "focus_auto" (focus directions with alpha chosen per input: `value` is the target share of
-      the heads' attention on the sink at the first answer row, see `fdlib.study.choose_alpha`);
+      the heads' attention on the sink at the first answer row, see `fdlib.study.runner.choose_alpha`);
       "focus_kept" (the same with a relative target: `value` is the fraction of the input's own
       unsteered sink share to keep);
       "ablate" (the heads' outputs zeroed).

@@ -1,24 +1,24 @@
 """Run every notebook top to bottom so each writes its figures, then (at `paper` size) regenerate
 the README's gallery and findings from the committed results.
 
-    python -m fdlib.reproduce                  # paper size, rendered from results/ (minutes)
-    python -m fdlib.reproduce --size quick     # computes a small run into runs/ (CI's size)
+    python -m fdlib reproduce                  # paper size, rendered from results/ (minutes)
+    python -m fdlib reproduce --size quick     # computes a small run into runs/ (CI's size)
 
 At `paper` the notebooks read the committed results files and decode nothing; a notebook whose
-results are not committed yet is skipped, naming them (`python -m fdlib.paper run` computes them).
+results are not committed yet is skipped, naming them (`python -m fdlib paper run` computes them).
 Other sizes compute into `runs/` and write their figures under `runs/`, never into `figures/`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-from fdlib.paper import NOTEBOOK_STUDIES, committed_file
-from fdlib.workspace import PAPER, Workspace
+from fdlib.runs.paper import NOTEBOOK_STUDIES, committed_file
+from fdlib.runs.workspace import PAPER, Workspace
 
 
 def missing_results(notebook: str, ws: Workspace) -> list[Path]:
@@ -41,20 +41,17 @@ def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = 
         sys.stderr.write(f"{path.name}: done in {time.time() - start:.0f} s\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default=PAPER, help="paper (default: render the committed results), quick, full, or a count")
-    ap.add_argument("--notebooks", default=str(Path(__file__).resolve().parents[1] / "notebooks"))
-    ap.add_argument("notebook", nargs="*", help="only these notebooks (default: all, in name order)")
-    args = ap.parse_args(argv)
-    root = Path(args.notebooks)
-    chosen = [Path(p) for p in args.notebook] or sorted(root.glob("[0-9]*.ipynb"))
-    if not chosen:
-        raise SystemExit(f"no notebooks found in {root}")
-    from fdlib.data import parse_size
+def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = ()) -> None:
+    """Run `only` (default: every numbered notebook in `notebooks`) at `size`; at `paper`, only the
+    notebooks whose results are committed, then regenerate the README's gallery and findings."""
+    from fdlib.data.nq import parse_size
+    from fdlib.views.gallery import update_readme
 
-    size = parse_size(args.size)
-    ws = Workspace.from_env(root=root.parent, environ={**os.environ, "FDLIB_SIZE": str(size)})
+    chosen = list(only) or sorted(notebooks.glob("[0-9]*.ipynb"))
+    if not chosen:
+        raise SystemExit(f"no notebooks found in {notebooks}")
+    size = parse_size(str(size))
+    ws = Workspace.from_env(root=notebooks.parent, environ={**os.environ, "FDLIB_SIZE": str(size)})
     if ws.rendering:
         ready = []
         for path in chosen:
@@ -66,11 +63,5 @@ def main(argv: list[str] | None = None) -> None:
                 ready.append(path)
         chosen = ready
     run_notebooks(chosen, size)
-    if size == PAPER and (root.parent / "README.md").exists():
-        from fdlib.gallery import update_readme
-
-        update_readme(root.parent / "README.md", root.parent / "figures", root, root.parent / "results")
-
-
-if __name__ == "__main__":
-    main()
+    if size == PAPER and (notebooks.parent / "README.md").exists():
+        update_readme(notebooks.parent / "README.md", notebooks.parent / "figures", notebooks, notebooks.parent / "results")

@@ -7,7 +7,7 @@ holds the very token generated at that step. Each such step adds 1/|needle token
 score; a sample's score is the sum over its steps, and a head's retrieval score is the mean over
 the samples whose answer recovers the needle (ROUGE-1 recall of the gold answer > 0.5).
 
-Alignment with `fdlib.decoding.decode`: decode's first forward runs the last prompt token (row
+Alignment with `fdlib.model.decoding.decode`: decode's first forward runs the last prompt token (row
 len(prompt) - 1), whose logits give answer token 0; the row of answer token i - 1 gives answer
 token i. So the c-th forward's attention row is paired with answer token c; the forwards that
 produce no answer token (the row that predicted a stop token, or the extra row run after the
@@ -28,11 +28,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.arch import check_supported
-from fdlib.decoding import _as_ids, decode, prefill
-from fdlib.evaluate import normalize_answer
-from fdlib.scoring import top_heads
-from fdlib.spans import Span
+from fdlib.model.arch import check_supported
+from fdlib.model.decoding import _as_ids, decode, prefill
+from fdlib.core.metrics import normalize_answer
+from fdlib.study.scores import top_heads
+from fdlib.core.spans import Span
 
 ROUGE_THRESHOLD = 0.5  # Wu et al. keep a sample when the answer's ROUGE-1 recall is above 50%
 
@@ -187,7 +187,7 @@ def sample_retrieval(model: TransformerBridge, sample: Any, *, max_new_tokens: i
 def retrieval_heads(
     model: TransformerBridge, samples: Sequence[Any], *, max_new_tokens: int = 32, progress: bool = True
 ) -> RetrievalResult:
-    """Retrieval scores of every head over needle samples (e.g. `fdlib.tasks.needle_task`)."""
+    """Retrieval scores of every head over needle samples (e.g. `fdlib.data.tasks.needle_task`)."""
     if not samples:
         raise ValueError("no samples to score")
     results = tuple(

@@ -1,35 +1,33 @@
 """The paper-size run: every notebook's studies at `paper` size, resumable and shardable, then the
 committed results files they render from.
 
-    python -m fdlib.paper status                    # where each study stands, with an ETA
-    python -m fdlib.paper run [--only 02 07]        # compute (resumes), then export
-    python -m fdlib.paper run --only 02 --shard 3/8 # one job of a cluster array (scripts/paper_slurm.sh;
+    python -m fdlib paper status                    # where each study stands, with an ETA
+    python -m fdlib paper run [--only 02 07]        # compute (resumes), then export
+    python -m fdlib paper run --only 02 --shard 3/8 # one job of a cluster array (scripts/paper_slurm.sh;
                                                     # notebook 07 chooses on all train questions: unsharded)
-    python -m fdlib.paper merge --only 02           # merge a sharded study's stores
-    python -m fdlib.paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
-    python -m fdlib.paper run --from-results        # continue a committed run (another machine)
+    python -m fdlib paper merge --only 02           # merge a sharded study's stores
+    python -m fdlib paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
+    python -m fdlib paper run --from-results        # continue a committed run (another machine)
 
 `run` executes each notebook's code as a script with `FDLIB_SIZE=paper FDLIB_RECOMPUTE=1`, so the
 progress bar and ETA of every study show in the terminal; each study resumes from its store in
 `runs/paper/` and writes one transaction per question. `./dev figures paper` is `run`, then the
-notebooks rendered from the results (`python -m fdlib.reproduce --size paper`).
+notebooks rendered from the results (`python -m fdlib reproduce --size paper`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fdlib.store import Store, atomic_write, export_results, merge_stores
-from fdlib.workspace import PAPER, Workspace
+from fdlib.core.store import Store, atomic_write, export_results, merge_stores
+from fdlib.runs.workspace import PAPER, Workspace
 
 # The stores each notebook's studies keep (`Workspace.store` names), in run order. A notebook
 # reads the stores of the ones before it (every study ranks heads with 01's).
@@ -50,8 +48,8 @@ KEPT: tuple[str, ...] = ("05_retrieval", "07_bias_shares")
 COMMITTED = "the committed run (seeded from results/)"
 
 
-def _ws(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
-    from fdlib.models import DEFAULT_MODEL
+def workspace(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
+    from fdlib.model.loading import DEFAULT_MODEL
 
     return Workspace(model or DEFAULT_MODEL, PAPER, recompute=True, shard=shard, root=root)
 
@@ -76,7 +74,7 @@ def _copy(source: Path, target: Path) -> Path:
     return atomic_write(target, lambda tmp: Path(tmp).write_bytes(source.read_bytes()))
 
 
-def _chosen(only: Sequence[str] | None) -> list[str]:
+def chosen(only: Sequence[str] | None) -> list[str]:
     if not only:
         return list(NOTEBOOK_STUDIES)
     out = [nb for nb in NOTEBOOK_STUDIES if any(nb.startswith(o) for o in only)]
@@ -86,7 +84,7 @@ def _chosen(only: Sequence[str] | None) -> list[str]:
     return out
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -148,8 +146,8 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     lines = [f"{'study':<22} {'rows':>15} {'time':>8} {'ETA':>8} {'store':>9} {'results':>9}"]
     for r in rows:
         frac = f"{r['rows']}/{r['expected']}" if r["expected"] else r["state"]
-        eta = _hms(r["eta_seconds"]) if r["eta_seconds"] else ("done" if r["expected"] and r["rows"] == r["expected"] else "-")
-        lines.append(f"{r['study']:<22} {frac:>15} {_hms(r['seconds']):>8} {eta:>8} "
+        eta = hms(r["eta_seconds"]) if r["eta_seconds"] else ("done" if r["expected"] and r["rows"] == r["expected"] else "-")
+        lines.append(f"{r['study']:<22} {frac:>15} {hms(r['seconds']):>8} {eta:>8} "
                      f"{r['store_bytes'] / 2**20:>7.1f}MB {r['results_bytes'] / 2**20:>7.2f}MB")
     return "\n".join(lines)
 
@@ -207,7 +205,7 @@ def write_manifest(ws: Workspace) -> Path:
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     studies = {r["study"]: r for r in study_status(ws) if r["state"] != "not started"}
     manifest = {
-        "command": "./dev figures paper  (python -m fdlib.paper run; then python -m fdlib.reproduce --size paper)",
+        "command": "./dev figures paper  (python -m fdlib paper run; then python -m fdlib reproduce --size paper)",
         "model": ws.model, "size": PAPER,
         "machine": old.get("machine") or {"platform": platform.platform(), "cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads()},
@@ -261,49 +259,3 @@ def merge(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
                 out.append(working_file(ws, name))
                 merge_stores(shards, out[-1])
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    from fdlib.workspace import parse_shard
-
-    ap = argparse.ArgumentParser(prog="python -m fdlib.paper", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["status", "run", "merge", "export"])
-    ap.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 02 07 (default: all, in order)")
-    ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
-    ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
-    ap.add_argument("--root", default=str(Path(__file__).resolve().parents[1]))
-    ap.add_argument("--threads", type=int, help="torch threads per notebook (default: all cores; give each job of a "
-                                                "shared machine its share)")
-    ap.add_argument("--from-results", action="store_true",
-                    help="run: start every missing working store from its committed results (continue a "
-                         "committed run; the inputs from earlier notebooks included)")
-    args = ap.parse_args(argv)
-    # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    root = Path(args.root)
-    ws = _ws(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
-    chosen = _chosen(args.only)
-    if args.action == "status":
-        print(format_status(study_status(ws)))
-    elif args.action == "merge":
-        print("\n".join(str(p) for p in merge(ws, chosen)) or "no shard stores")
-    elif args.action == "export":
-        print("\n".join(str(p) for p in export(ws, chosen)))
-    else:
-        if args.from_results:
-            for p in seed_from_results(ws):
-                print(f"started {p} from the committed results", flush=True)
-        print(f"paper-size run of {ws.model}; stores in {ws.runs / PAPER}. Where it stands:", flush=True)
-        print(format_status(study_status(ws)), flush=True)
-        for nb in chosen:
-            print(f"\n== {nb} ==", flush=True)
-            seconds = run_notebook(root / "notebooks" / f"{nb}.ipynb", ws, args.threads)
-            print(f"{nb}: {_hms(seconds)}", flush=True)
-            if not ws.sharded:
-                export(ws, [nb])
-        print(format_status(study_status(ws)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 from torch import Tensor
 
-from fdlib.store import atomic_write
+from fdlib.core.store import atomic_write
 
 
 def _np(x: Tensor | np.ndarray) -> np.ndarray:
@@ -174,7 +174,7 @@ def em_vs_k(
         raise ValueError(f"param must be 'tau' or 'alpha', got {param!r}")
     needed = {"input", "heads", param, "k", "em", "lo", "hi", "n"}
     if missing := needed - set(table.columns):
-        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.sweeps.em_table")
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.experiments.sweeps.em_table")
     fig = go.Figure()
     lines = table[(table.heads != "none") & table[param].notna()]
     for i, tau in enumerate(sorted(lines[param].unique())):
@@ -275,7 +275,7 @@ def key_bias(
     return fig
 
 
-# --- head explorer (fdlib.explorer) ------------------------------------------------------------
+# --- head explorer (fdlib.views.explorer) ------------------------------------------------------------
 
 
 def head_doc_mass(
@@ -367,7 +367,7 @@ def loss_curves(curves: dict[str, Sequence[float]], *, title: str = "Focus-direc
     return fig
 
 
-# --- long-context studies (fdlib.longctx) -------------------------------------------------------
+# --- long-context studies (fdlib.experiments.longctx) -------------------------------------------------------
 
 _CONDITION_COLORS = ["#7f7f7f", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf"]
 
@@ -426,14 +426,14 @@ def em_vs_position(
     title: str = "Lost in the middle: EM and the contextual heads' attention vs gold position",
     heads_label: str = "top-5 contextual heads",
 ) -> go.Figure:
-    """From `fdlib.longctx.position_table`: left, EM vs the gold document's position with CIs,
+    """From `fdlib.experiments.longctx.position_table`: left, EM vs the gold document's position with CIs,
     one line per condition; right, the mean relevant-document score of the heads from the
     answer rows, per position and condition."""
     from plotly.subplots import make_subplots
 
     needed = {"label", "position", "em", "lo", "hi", "n", "relevant", "relevant_lo", "relevant_hi"}
     if missing := needed - set(table.columns):
-        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.longctx.position_table")
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.experiments.longctx.position_table")
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
                         subplot_titles=("exact match", f"relevant-document score, {heads_label}"))
     for i, (label, g) in enumerate(table.groupby("label", sort=False, observed=True)):
@@ -474,7 +474,7 @@ def head_sets_map(
     """The paper's Figure 9: a layers x heads map marking the heads in the first set only, the
     second only, or both; hover gives `L{l}H{h}`, its set, and each of `scores` (e.g. the
     retrieval and relevant scores) at that head."""
-    from fdlib.longctx import head_set_grid
+    from fdlib.experiments.longctx import head_set_grid
 
     grid = head_set_grid(first, second, n_layers, n_heads)  # 0 neither, 1 first only, 2 second only, 3 both
     kinds = np.array(["neither", f"{names[0]} only", f"{names[1]} only", "both"], dtype=object)
@@ -511,10 +511,10 @@ def em_by_condition(
     value: str = "em",
 ) -> go.Figure:
     """One bar per condition (`label`) with its bootstrap CI, coloured by method; from
-    `fdlib.longctx.condition_table`."""
+    `fdlib.experiments.longctx.condition_table`."""
     needed = {"label", "method", value, "lo", "hi", "n"}
     if missing := needed - set(table.columns):
-        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.longctx.condition_table")
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.experiments.longctx.condition_table")
     colors = {"baseline": "#7f7f7f", "split": "#2ca02c", "focus": "#1f77b4", "ablate": "#d62728"}
     labels = [str(x) for x in table["label"]]
     fig = go.Figure(go.Bar(
@@ -533,11 +533,11 @@ _FAMILY_COLORS = {"label-using": "#2ca02c", "label-free": "#1f77b4", "random-hea
 def em_gain(table: pd.DataFrame, *, title: str = "EM gain over no intervention") -> go.Figure:
     """One bar per method's chosen setting (coloured by family: label-using, label-free) and one
     per its random-head control (grey), the EM gain over the baseline with its paired bootstrap
-    CI; from `fdlib.compare.comparison_table`. Hover: the setting, EM, n, questions gained and
+    CI; from `fdlib.experiments.compare.comparison_table`. Hover: the setting, EM, n, questions gained and
     lost, McNemar's p."""
     needed = {"method", "family", "setting", "em", "gain", "gain_lo", "gain_hi", "n", "gained", "lost", "p_value"}
     if missing := needed - set(table.columns):
-        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.compare.comparison_table")
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.experiments.compare.comparison_table")
     t = table[table.family != "baseline"]
     fig = go.Figure()
     for family, color in _FAMILY_COLORS.items():

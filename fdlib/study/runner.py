@@ -1,7 +1,7 @@
 """The study runner: every study in fdlib is one call of `run_study`.
 
 Per sample: one prefill per input variant, then every pending condition decoded from that
-prefix, in batches of rows sharing the prompt's KV cache (`fdlib.engine`), each row recording
+prefix, in batches of rows sharing the prompt's KV cache (`fdlib.interventions.engine`), each row recording
 every head's attention on the sample's named spans; the sample's rows (all its variants) are
 written in one transaction. A rerun skips the rows already stored, and refuses a stored row that
 another setup made (another prompt, model, head set, directions file, parameter or decoding),
@@ -28,16 +28,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
-from fdlib.decoding import Prefix, check_length, decode, prefill
-from fdlib.directions import FocusDirections, focus_directions
-from fdlib.engine import Job, RowIntervention, decode_jobs, first_row_scores
-from fdlib.heads import Head, check_heads, labels
-from fdlib.interventions import ablate_heads, reweight_span
-from fdlib.models import model_name
-from fdlib.scoring import KINDS, kind_scores
-from fdlib.spans import Span
-from fdlib.store import Row, Store, check_shard, open_store
+from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
+from fdlib.model.decoding import Prefix, check_length, decode, prefill
+from fdlib.interventions.directions import FocusDirections, focus_directions
+from fdlib.interventions.engine import Job, RowIntervention, decode_jobs, first_row_scores
+from fdlib.core.heads import Head, check_heads, labels
+from fdlib.interventions.hooks import ablate_heads, reweight_span
+from fdlib.model.loading import model_name
+from fdlib.study.scores import KINDS, kind_scores
+from fdlib.core.spans import Span
+from fdlib.core.store import Row, Store, check_shard, open_store
 
 Engine = Literal["batched", "sequential"]
 DECODING = "greedy; stop at eos, or at a newline once the answer has text"
@@ -115,7 +115,7 @@ def as_study_samples(samples: Sequence[Any]) -> list[StudySample]:
 
 def span_kinds(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
     """The stored score kinds from recorded span means: with documents (`doc{i}`) the four kinds
-    of `fdlib.scoring.kind_scores` (NaN where the prompt leaves one undefined); without, the
+    of `fdlib.study.scores.kind_scores` (NaN where the prompt leaves one undefined); without, the
     `relevant` and `sink` scores."""
     docs = sorted((n for n in spans if n.startswith("doc") and n[3:].isdigit()), key=lambda n: int(n[3:]))
     if not docs:
@@ -342,7 +342,7 @@ def run_study(
     `heads` maps ranking names (what conditions' `heads` refer to, e.g. "contextual") to ranked
     head lists; `directions` maps names to `FocusDirections`. `engine="batched"` decodes
     `batch_size` rows per forward, each sample's rows over its shared prompt cache, rows of the next
-    samples taking the places of finished ones (`fdlib.engine.decode_jobs`); `"sequential"`
+    samples taking the places of finished ones (`fdlib.interventions.engine.decode_jobs`); `"sequential"`
     decodes one condition after another through the bridge's hooks (the reference). Each sample's
     rows are written in one transaction as soon as they are all decoded. `overlap` is how many
     further samples' rows may fill the batch while a sample is in flight: 0 (the default) decodes
@@ -352,7 +352,7 @@ def run_study(
     differs, unless `replace=True` (then it is recomputed and overwritten). A read-only store (a
     committed results file) is only read: the frame holds the samples whose rows it has, whole,
     and nothing is decoded. The store's `progress` table follows the call (rows asked for and
-    stored, wall time), for `python -m fdlib.paper status`.
+    stored, wall time), for `python -m fdlib paper status`.
     """
     i, n = check_shard(shard)
     if engine not in ("batched", "sequential"):

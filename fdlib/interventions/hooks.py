@@ -1,5 +1,5 @@
 """Where interventions act on the TransformerBridge: context managers that only add hooks, and
-always remove them (what span reweighting does to a row is `fdlib.reweighting`)."""
+always remove them (what span reweighting does to a row is `fdlib.interventions.reweighting`)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.arch import check_supported, visible_keys
-from fdlib.decoding import first_row_position, hooks
-from fdlib.heads import Head, check_heads, heads_by_layer
-from fdlib.reweighting import check_strength, reweight_rows, target_share
-from fdlib.spans import Span
+from fdlib.model.arch import check_supported, visible_keys
+from fdlib.model.decoding import first_row_position, hooks
+from fdlib.core.heads import Head, check_heads, heads_by_layer
+from fdlib.interventions.reweighting import check_strength, reweight_rows, target_share
+from fdlib.core.spans import Span
 
 def check_from_pos(from_pos: int) -> int:
     if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:
@@ -41,7 +41,7 @@ def reweight(
     row_pos: Tensor,
     window: int | None = None,
 ) -> Float[Tensor, "... query_pos key_pos"]:
-    """Split-softmax on attention rows (`fdlib.reweighting`, map "split"): the span's mass pi
+    """Split-softmax on attention rows (`fdlib.interventions.reweighting`, map "split"): the span's mass pi
     becomes pi**tau, inside and outside scaled proportionally. `in_span` is a boolean mask over
     key positions; `row_pos` the absolute position of each query row, which with `window` says
     which keys a row can see (where tau = 0 puts the mass of a row that gives the span none)."""
@@ -61,13 +61,13 @@ def reweight_span(
     value: float,
     from_pos: int = 0,
 ) -> Iterator[None]:
-    """Re-weight the chosen heads' attention on `span` with a named map (`fdlib.reweighting`:
+    """Re-weight the chosen heads' attention on `span` with a named map (`fdlib.interventions.reweighting`:
     split tau, odds a, boost m) for every query row at position >= `from_pos`, on
     `blocks.{l}.attn.hook_pattern`.
 
     During generation use `from_pos = len(prompt) - 1` (the last prompt row produces the first
     answer token). Positions are absolute, in a full forward and in a cached decode step alike;
-    a sliding window is taken from the model (`fdlib.arch.model_facts`).
+    a sliding window is taken from the model (`fdlib.model.arch.model_facts`).
     """
     value = check_strength(span_map, value)
     chosen = check_heads(model, heads)

@@ -13,14 +13,14 @@ The engine runs the Hugging Face modules of the model (embeddings, projections, 
 MLPs: whatever the architecture has) with one attention function of its own, registered with
 transformers' attention interface, which applies the model's scaling, softcapping and sliding
 windows as the module hands them over. What each row does:
-- span reweighting (`fdlib.reweighting`: split-softmax tau, odds a, boost m) on chosen heads;
+- span reweighting (`fdlib.interventions.reweighting`: split-softmax tau, odds a, boost m) on chosen heads;
 - focus directions (alpha * d_Q on the queries, alpha * d_K on the keys' logits, before any
   softcap; post-RoPE, or pre-RoPE rotated to each position);
 - head ablation (the head's output zeroed before the output projection);
 on the rows from the last prompt token on: the rows that produce the answer.
 
-`decoding.decode` on the TransformerBridge, with the context managers of `fdlib.interventions`
-and `fdlib.directions`, is the sequential reference this engine is tested against.
+`decoding.decode` on the TransformerBridge, with the context managers of `fdlib.interventions.hooks`
+and `fdlib.interventions.directions`, is the sequential reference this engine is tested against.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from fdlib import arch
-from fdlib.decoding import Prefix, _stop_tokens, check_length
-from fdlib.directions import FocusDirections
-from fdlib.heads import Head, check_heads
-from fdlib.models import fast_prefill_model, shared_twin
-from fdlib.reweighting import SPAN_MAPS, check_strength, reweight_rows, target_share
-from fdlib.spans import Span, check_spans
+from fdlib.model import arch
+from fdlib.model.decoding import Prefix, _stop_tokens, check_length
+from fdlib.interventions.directions import FocusDirections
+from fdlib.core.heads import Head, check_heads
+from fdlib.model.loading import fast_prefill_model, shared_twin
+from fdlib.interventions.reweighting import SPAN_MAPS, check_strength, reweight_rows, target_share
+from fdlib.core.spans import Span, check_spans
 
 ATTENTION = "fdlib_shared_prefix"
 # Keyword arguments the HF attention modules pass that do not change the attention's value.
@@ -331,7 +331,7 @@ def shared_prefix_attention(
     keys | each row's own keys]."""
     batch: _Batch | None = module.__dict__.get("_fdlib_batch")
     if batch is None:
-        raise RuntimeError("the fdlib batched attention runs only inside fdlib.engine.decode_jobs")
+        raise RuntimeError("the fdlib batched attention runs only inside fdlib.interventions.engine.decode_jobs")
     unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS)
     if unknown:
         raise NotImplementedError(

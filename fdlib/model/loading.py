@@ -307,7 +307,7 @@ def load_model(
     bridge.eval()
     bridge.__dict__["_fdlib_fast_prefill"] = FastPrefill(twin)
     bridge.__dict__["_fdlib_name"] = hf_name
-    from fdlib.arch import check_supported
+    from fdlib.model.arch import check_supported
 
     check_supported(bridge, "load")  # refuse an architecture fdlib cannot compute exactly
     return bridge

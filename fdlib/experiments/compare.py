@@ -2,7 +2,7 @@
 
 Methods, each a family of `Condition`s on the top-k contextual heads:
 - label-using (they are told which span is relevant): span reweighting with the three maps of
-  `fdlib.reweighting` — split-softmax (the paper), odds scaling (PASTA-style), boost
+  `fdlib.interventions.reweighting` — split-softmax (the paper), odds scaling (PASTA-style), boost
   (InstABoost-style);
 - label-free: focus directions at a fixed alpha, focus directions with automatic alpha
   (`Condition.focus_auto`: per input, the alpha that brings the heads' sink share at the first
@@ -29,10 +29,10 @@ import pandas as pd
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import AUTO, RANDOM, Condition
-from fdlib.directions import FocusDirections, key_bias
-from fdlib.evaluate import bootstrap_ci
-from fdlib.heads import Head
+from fdlib.study.conditions import AUTO, RANDOM, Condition
+from fdlib.interventions.directions import FocusDirections, key_bias
+from fdlib.core.metrics import bootstrap_ci
+from fdlib.core.heads import Head
 
 POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
 QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper": {"train": 50, "test": 200},
@@ -249,7 +249,7 @@ def prior_setup(
 ) -> dict[str, Any]:
     """Everything that determines `position_prior`'s shares: model, probes, heads, each set's
     directions and alpha, and the width of the early window."""
-    from fdlib.study import directions_sha, model_fingerprint
+    from fdlib.study.runner import directions_sha, model_fingerprint
 
     return {**model_fingerprint(model), "samples": [s.id for s in samples], "heads": [f"L{l}H{h}" for l, h in heads],
             "directions": {name: directions_sha(d) for name, d in sorted(directions.items())},

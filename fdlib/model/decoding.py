@@ -18,9 +18,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from fdlib.arch import check_supported
-from fdlib.models import StopTokens, fast_prefill_model, stop_tokens
-from fdlib.spans import Span, check_spans
+from fdlib.model.arch import check_supported
+from fdlib.model.loading import StopTokens, fast_prefill_model, stop_tokens
+from fdlib.core.spans import Span, check_spans
 
 
 def _as_ids(tokens: Tensor | Sequence[int]) -> Int[Tensor, "pos"]:

@@ -1,6 +1,6 @@
 """The README's gallery: every figure the notebooks write, each linked to its notebook, and a
 "what we found" table assembled from the findings each notebook records. `python -m
-fdlib.reproduce` (the README's main command) regenerates both after re-running the notebooks.
+fdlib.runs.reproduce` (the README's main command) regenerates both after re-running the notebooks.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fdlib.store import atomic_write
+from fdlib.core.store import atomic_write
 
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 

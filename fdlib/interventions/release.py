@@ -26,9 +26,9 @@ from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.directions import FocusDirections
-from fdlib.heads import Head
-from fdlib.models import model_name
+from fdlib.interventions.directions import FocusDirections
+from fdlib.core.heads import Head
+from fdlib.model.loading import model_name
 
 RELEASE_K = 20
 RELEASE_ALPHA = 0.2
@@ -80,7 +80,7 @@ def _release_settings() -> dict[str, Any]:
         "copyright": "Copyright (c) 2025 Youxiang Zhu",
         "k": RELEASE_K,
         "alpha": RELEASE_ALPHA,
-        "heads": "contextual_heads_scores_full_seq/<model>/relevant_heads.json (fdlib.release.released_heads)",
+        "heads": "contextual_heads_scores_full_seq/<model>/relevant_heads.json (fdlib.interventions.release.released_heads)",
         "n_docs": 20,
         "optimizer": "AdamW",
         "lr": 1e-3,
@@ -127,7 +127,7 @@ def released_directions(name: str) -> FocusDirections:
 def load_release(model: TransformerBridge) -> tuple[FocusDirections, list[Head]]:
     """The released directions and head ranking for a loaded model, checked against it.
 
-    The model's name (`fdlib.models.model_name`) must be one of `RELEASED_MODELS` (or a local
+    The model's name (`fdlib.model.loading.model_name`) must be one of `RELEASED_MODELS` (or a local
     directory named like one) and its (n_layers, n_heads, d_head) must match the release;
     otherwise ValueError, naming the model and what differs. The directions returned carry the
     model's own name (so `focus_directions(model, ...)` accepts them) and the released model's

@@ -22,8 +22,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fdlib.evaluate import best_subspan_em, normalize_answer
-from fdlib.spans import Span
+from fdlib.core.metrics import best_subspan_em, normalize_answer
+from fdlib.core.spans import Span
 
 Size = Literal["quick", "paper", "full"]
 Split = Literal["train", "test"]

@@ -2,13 +2,14 @@
 
 S_X = 1/|R| sum_{i in R} sum_{j in X} W_ij, per layer and query head, R the response rows.
 The teacher-forced form (`contextual_scores`) and the generation form (`score_sample`, scored
-while decoding) share one recorder (`decoding.SpanRecorder`).
+while decoding) share one recorder (`decoding.SpanRecorder`). The four kinds (relevant,
+irrelevant, IR-max, sink), their per-sample record and the per-head tables live here; the
+studies that produce them at scale are in `fdlib.experiments.contextual`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -18,13 +19,12 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.arch import check_supported
-from fdlib.data import QASample
-from fdlib.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
-from fdlib.evaluate import best_subspan_em, bootstrap_ci
-from fdlib.heads import head_label
-from fdlib.spans import Span, check_spans
-from fdlib.store import Store, open_store
+from fdlib.model.arch import check_supported
+from fdlib.data.nq import QASample
+from fdlib.model.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
+from fdlib.core.metrics import best_subspan_em, bootstrap_ci
+from fdlib.core.heads import head_label
+from fdlib.core.spans import Span, check_spans
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
 KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}
@@ -106,28 +106,6 @@ def score_sample(model: TransformerBridge, sample: QASample, *, max_new_tokens: 
     return answer_scores(model, sample, answer)
 
 
-def score_dataset(
-    model: TransformerBridge,
-    samples: Sequence[QASample],
-    *,
-    store: str | Path | Store | None = None,
-    max_new_tokens: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> list[SampleScores]:
-    """Score every sample (its greedy answer, no intervention): `fdlib.study.run_study` with the
-    baseline of each input variant, so stored rows are reused and a crash loses at most one
-    sample. The samples of another shard, or missing from a read-only store, are left out."""
-    from fdlib.conditions import Condition
-    from fdlib.study import run_study
-
-    conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
-    frame = run_study(model, samples, conditions, store=store, max_new_tokens=max_new_tokens, progress=progress,
-                      desc="scoring samples", shard=shard)
-    held = set(frame["sample_id"]) if not frame.empty else set()
-    return frame_scores(model, frame, [s for s in samples if s.id in held])
-
-
 def frame_scores(
     model: TransformerBridge, frame: pd.DataFrame, samples: Sequence[QASample], condition: str | None = None
 ) -> list[SampleScores]:
@@ -194,122 +172,7 @@ def head_table(
     return pd.DataFrame(rows).set_index("head")
 
 
-def focus_table(
-    model: TransformerBridge,
-    samples: Sequence[QASample],
-    directions: "FocusDirections",
-    heads: Sequence[tuple[int, int]],
-    alpha: float,
-    *,
-    report: Sequence[tuple[int, int]] | None = None,
-    store: str | Path | Store | None = None,
-    max_new_tokens: int = 32,
-    level: float = 0.95,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> pd.DataFrame:
-    """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
-    without and with directions on `heads` at `alpha` (answer rows), per input variant of
-    `samples` (long and gold-only cases), with bootstrap CIs and EM: one `run_study`."""
-    from fdlib.conditions import Condition
-    from fdlib.study import run_study
-
-    report = list(report) if report is not None else list(heads)
-    variants = list(dict.fromkeys(s.variant for s in samples))
-    pairs = {v: (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)) for v in variants}
-    frame = run_study(model, samples, [c for pair in pairs.values() for c in pair], directions={"focus": directions},
-                      store=store, max_new_tokens=max_new_tokens, progress=progress, desc="focus table", shard=shard)
-    parts = []
-    held = set(frame["sample_id"]) if not frame.empty else set()  # this shard's, or a results file's
-    for v, (plain, steered) in pairs.items():
-        these = [s for s in samples if s.variant == v and s.id in held]
-        if not these:
-            continue
-        for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
-            results = frame_scores(model, frame, these, c.key)
-            t = head_table(results, report, level=level).reset_index()
-            t.insert(1, "EM", sum(r.em for r in results) / len(results))
-            t.insert(1, "n", len(results))
-            t.insert(0, "directions", name)
-            t.insert(0, "case", v)
-            parts.append(t)
-    return pd.concat(parts, ignore_index=True).set_index(["case", "directions", "head"])
-
-
 def em_summary(results: Sequence[SampleScores], *, level: float = 0.95) -> dict[str, float]:
     """EM mean and bootstrap CI over samples."""
     mean, lo, hi = bootstrap_ci(np.array([r.em for r in results], dtype=float), level=level)
     return {"em": mean, "lo": lo, "hi": hi, "n": len(results)}
-
-
-@dataclass(frozen=True)
-class ContextualStudy:
-    """Scores of the same questions as a long (k-document) input and as a gold-only input."""
-
-    long: list[SampleScores]
-    gold: list[SampleScores]
-    n_docs: int
-
-    def relevant(self) -> Float[Tensor, "n_layers n_heads"]:
-        """Mean relevant-document score on the long input: what ranks the contextual heads."""
-        return mean_scores(self.long, "relevant")
-
-    def heads(self, k: int) -> list[tuple[int, int]]:
-        return top_heads(self.relevant(), k)
-
-    def cases(self) -> dict[str, list[SampleScores]]:
-        """The paper's Table 1 cases: Long, Gold, and the long inputs answered correctly / wrongly."""
-        return {
-            "Long": self.long,
-            "Gold": self.gold,
-            "Correct": [r for r in self.long if r.em],
-            "Wrong": [r for r in self.long if not r.em],
-        }
-
-    def table(self, k: int = 5, *, level: float = 0.95) -> pd.DataFrame:
-        """Top-k heads' R, IR, IR-max, Sink per case, with bootstrap CIs (the paper's Table 1)."""
-        heads = self.heads(k)
-        parts = []
-        for case, results in self.cases().items():
-            if not results:
-                continue  # e.g. no correct answer in a tiny run: the case has no row
-            t = head_table(results, heads, level=level)
-            t.insert(0, "n", len(results))
-            t.insert(0, "case", case)
-            parts.append(t.reset_index())
-        return pd.concat(parts, ignore_index=True).set_index(["case", "head"])
-
-    def em(self, *, level: float = 0.95) -> pd.DataFrame:
-        """Greedy EM with CIs for the long and gold-only inputs."""
-        rows = {f"{self.n_docs} documents": em_summary(self.long, level=level), "gold only": em_summary(self.gold, level=level)}
-        return pd.DataFrame(rows).T
-
-
-def contextual_study(
-    model: TransformerBridge,
-    *,
-    size: str | int = "quick",
-    split: str = "train",
-    n_docs: int = 20,
-    gold_position: int | None = None,
-    store: str | Path | Store | None = None,
-    max_new_tokens: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> ContextualStudy:
-    """Score the same questions with k documents (gold in the middle by default) and gold-only.
-
-    The default split is `train`: the heads found here are the ones later studies intervene on,
-    and they are evaluated on `test`.
-    """
-    from fdlib.data import NQBuilder
-
-    builder = NQBuilder(model.tokenizer)
-    kw = dict(split=split, size=size)
-    long = builder.samples(n_docs=n_docs, gold_position=gold_position, **kw)
-    gold = builder.samples(variant="gold", **kw)
-    with open_store(store) as db:
-        kw = dict(store=db, max_new_tokens=max_new_tokens, shard=shard, progress=progress)
-        long_scores = score_dataset(model, long, **kw)
-        gold_scores = score_dataset(model, gold, **kw)
-    return ContextualStudy(long_scores, gold_scores, n_docs)

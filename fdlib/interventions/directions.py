@@ -12,7 +12,7 @@ does. Under attention-logit softcapping (Gemma 2) it does not cancel and is appl
 cap.
 
 Training (the activation cache, `span_score`, `train_focus_directions`, the CLI) lives in
-`fdlib.training`.
+`fdlib.interventions.training`.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib import arch
-from fdlib.decoding import first_row_position, hooks
-from fdlib.heads import Head, check_heads, heads_by_layer
-from fdlib.interventions import check_from_pos
-from fdlib.models import model_name
-from fdlib.store import atomic_write
+from fdlib.model import arch
+from fdlib.model.decoding import first_row_position, hooks
+from fdlib.core.heads import Head, check_heads, heads_by_layer
+from fdlib.interventions.hooks import check_from_pos
+from fdlib.model.loading import model_name
+from fdlib.core.store import atomic_write
 
 Placement = Literal["post_rope", "pre_rope"]
 TrainingSet = Literal["gold", "long", "shuffled"]
@@ -184,7 +184,7 @@ def focus_directions(
     answer rows only and works from a shared fast prefill. Positions are absolute: they count
     the `past_key_values` handed to the bridge's forward.
 
-    Where the vectors go depends on the architecture (`fdlib.arch.model_facts`): on `hook_rot_q`
+    Where the vectors go depends on the architecture (`fdlib.model.arch.model_facts`): on `hook_rot_q`
     (after the q/k norm and RoPE) as d or R_i d; on a fused-QKV RoPE model (Phi-3), whose bridge
     has no rotated-query hook, on `hook_q` (before the rotation) as R_i^-1 d or d; without RoPE
     (GPT-2) both placements are the same vector on `hook_q`. Models the operation cannot be
@@ -281,7 +281,7 @@ def key_bias(
     first answer token) with the direction minus without. After RoPE (and without a softcap) this
     equals alpha * d_Q . k_j * scaling plus a constant that cancels in the softmax; under a
     softcap it is the difference of the capped scores."""
-    from fdlib.decoding import prefill
+    from fdlib.model.decoding import prefill
 
     (layer, h), = check_heads(model, [head])
     directions.check(model)
@@ -299,14 +299,3 @@ def key_bias(
             model(last, past_key_values=prefix.cache, return_type=None)
         prefix.cache.crop(-1)  # back to the prompt, for the second pass
     return rows[1] - rows[0]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: `python -m fdlib.directions` is `python -m fdlib.training`."""
-    from fdlib.training import main as training_main
-
-    training_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """An interactive head explorer (ipywidgets + plotly `FigureWidget`) and the plain functions under it.
 
 ```python
-explorer = fdlib.explorer.HeadExplorer(model, samples)   # optional: directions=..., scores=...
+explorer = fdlib.views.explorer.HeadExplorer(model, samples)   # optional: directions=..., scores=...
 explorer                                                 # display in Jupyter
 ```
 
@@ -33,16 +33,16 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.data import QASample
-from fdlib.decoding import Prefix, check_length, decode, hooks
-from fdlib.directions import FocusDirections
-from fdlib.evaluate import best_subspan_em
-from fdlib.conditions import Condition
-from fdlib.heads import Head, check_heads
-from fdlib.study import StudySample, intervention
-from fdlib.heads import head_label
-from fdlib.scoring import KIND_LABELS, KINDS, kind_scores, top_heads
-from fdlib.spans import Span
+from fdlib.data.nq import QASample
+from fdlib.model.decoding import Prefix, check_length, decode, hooks
+from fdlib.interventions.directions import FocusDirections
+from fdlib.core.metrics import best_subspan_em
+from fdlib.study.conditions import Condition
+from fdlib.core.heads import Head, check_heads
+from fdlib.study.runner import StudySample, intervention
+from fdlib.core.heads import head_label
+from fdlib.study.scores import KIND_LABELS, KINDS, kind_scores, top_heads
+from fdlib.core.spans import Span
 
 InterventionKind = Literal["none", "split_softmax", "focus"]
 INTERVENTIONS: tuple[str, ...] = ("none", "split_softmax", "focus")  # the explorer's menu
@@ -54,7 +54,7 @@ def intervention_context(
     model: TransformerBridge, condition: Condition, sample: QASample, directions: FocusDirections | None = None
 ) -> ContextManager[None]:
     """A condition with an explicit head list as hooks acting from the last prompt row on, so it
-    works on a prefix shared with every other setting (`fdlib.study.intervention`)."""
+    works on a prefix shared with every other setting (`fdlib.study.runner.intervention`)."""
     if condition.is_reweight and sample.gold_span is None:
         raise ValueError(f"sample {sample.id} has no gold document: split-softmax needs one to re-weight")
     if condition.method == "focus" and directions is None:
@@ -346,7 +346,7 @@ class HeadExplorer:
         import ipywidgets as W
         import plotly.graph_objects as go
 
-        from fdlib import plots
+        from fdlib.views import plots
 
         self.model = model
         self.samples = list(samples)
@@ -462,7 +462,7 @@ class HeadExplorer:
     def prefix(self, index: int) -> Prefix:
         """The prompt's KV cache, built on first use and kept by this explorer."""
         if index not in self._prefixes:
-            from fdlib.decoding import prefill
+            from fdlib.model.decoding import prefill
 
             self._prefixes[index] = prefill(self.model, self.samples[index].input_ids)
         return self._prefixes[index]
@@ -622,7 +622,7 @@ class HeadExplorer:
 
     def snapshot(self, title: str | None = None):
         """A static `go.Figure` of the heatmap and the per-document view, for `save_figure`."""
-        from fdlib import plots
+        from fdlib.views import plots
 
         if self.view is None:
             raise ValueError(f"nothing to draw yet: {self.error}")

@@ -6,7 +6,7 @@
   the committed results files `results/[<model>/]<name>.jsonl.gz`, read-only: the notebooks
   render from them and decode nothing. With `recompute`, the studies run (resuming) into
   `runs/[<model>/]paper/<name>.sqlite` (one store per shard when sharded), which
-  `python -m fdlib.paper export` turns into the results files.
+  `python -m fdlib paper export` turns into the results files.
 
 `[<model>/]` is empty for the default model. `Workspace.from_env()` reads the notebooks' switches:
 `FDLIB_MODEL`, `FDLIB_SIZE` (default quick), `FDLIB_RECOMPUTE=1`, `FDLIB_SHARD=i/n`.
@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fdlib.data import SIZES, parse_size, sized
-from fdlib.store import RESULTS_SUFFIX, atomic_write, check_shard
+from fdlib.data.nq import SIZES, parse_size, sized
+from fdlib.core.store import RESULTS_SUFFIX, atomic_write, check_shard
 
 PAPER = "paper"
 
@@ -58,7 +58,7 @@ class Workspace:
 
     @classmethod
     def from_env(cls, root: str | Path = "..", environ: Mapping[str, str] | None = None) -> "Workspace":
-        from fdlib.models import DEFAULT_MODEL
+        from fdlib.model.loading import DEFAULT_MODEL
 
         env = os.environ if environ is None else environ
         flag = env.get("FDLIB_RECOMPUTE", "0").strip().lower()
@@ -82,7 +82,7 @@ class Workspace:
         return self.shard[1] > 1
 
     def _under(self, top: str) -> Path:
-        from fdlib.models import DEFAULT_MODEL
+        from fdlib.model.loading import DEFAULT_MODEL
 
         base = self.root / top
         return base if self.model == DEFAULT_MODEL else base / model_slug(self.model)

@@ -3,7 +3,7 @@ length in tokens, with the exact token span of what the answer needs.
 
 Every generator takes a tokenizer (or a model: its tokenizer and context window are used) and
 returns `TaskSample`s whose prompt, in the tokenizer's chat template (a base model without one:
-the plain prompt after its BOS token, `fdlib.data.encode_prompt`), has between
+the plain prompt after its BOS token, `fdlib.data.nq.encode_prompt`), has between
 `(1 - LENGTH_TOLERANCE) * n_tokens` and `n_tokens` tokens (never more; ~1% under in practice on
 SmolLM2 at 2k-8k; at very short lengths JSON may end up to one ~65-token pair under). Leave room
 for the answer: decoding needs `n_tokens + max_new_tokens` within the model's window.
@@ -12,7 +12,7 @@ for the answer: decoding needs `n_tokens + max_new_tokens` within the model's wi
   "The special magic number for <key> is <7 digits>." among shipped NQ passages.
 - `niah_multikey`: the same with several needles of different keys; one is asked.
 - `json_kv`: a JSON object of random UUID pairs; the value of one key is asked.
-- `rag_nq`: NQ multi-document QA (the study's prompt, `fdlib.data.render_prompt`) with as many
+- `rag_nq`: NQ multi-document QA (the study's prompt, `fdlib.data.nq.render_prompt`) with as many
   BM25 distractors as fit the length.
 - `rerank_nq`: the NQ gold passage among BM25 distractors, each with a numeric ID; the model
   ranks the IDs; scored by NDCG@10 with the gold passage as the only relevant item.
@@ -60,7 +60,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fdlib.data import (
+from fdlib.data.nq import (
     Document,
     EncodedPrompt,
     NQBuilder,
@@ -75,8 +75,8 @@ from fdlib.data import (
     sized,
     split_examples,
 )
-from fdlib.evaluate import best_subspan_em
-from fdlib.spans import Span, check_spans
+from fdlib.core.metrics import best_subspan_em
+from fdlib.core.spans import Span, check_spans
 
 # `quick` is what CI runs, `full` a study's size.
 TASK_SIZES: dict[str, int] = {"quick": 4, "paper": 20, "full": 100}
@@ -195,7 +195,7 @@ class TaskSample:
         return METRICS[self.task]
 
     def score(self, prediction: str) -> float:
-        """The task's metric for one prediction (`fdlib.tasks.score`)."""
+        """The task's metric for one prediction (`fdlib.data.tasks.score`)."""
         return score(prediction, self)
 
 
@@ -212,7 +212,7 @@ def _rng(task: str, seed: int, index: int) -> random.Random:
     # random.Random seeded with a str hashes it with SHA-512: the same on every machine and run
     # (unlike hash()). Each sample has its own stream, so sample i's keys, values and filler do
     # not depend on how many samples are drawn.
-    return random.Random(f"fdlib.tasks:{task}:{seed}:{index}")
+    return random.Random(f"fdlib.data.tasks:{task}:{seed}:{index}")
 
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -300,9 +300,9 @@ _Encoded = EncodedPrompt  # text, shift (where the content starts in text), ids,
 
 
 def _encode(tokenizer: Any, content: str, answer_prefix: str = "") -> _Encoded:
-    """The content inside the chat template (as `fdlib.data.build_sample` does), then the answer
+    """The content inside the chat template (as `fdlib.data.nq.build_sample` does), then the answer
     prefix (RULER's way: the model's turn already begins with it), tokenised; for a base model
-    BOS + the content + the answer prefix (`fdlib.data.encode_prompt`)."""
+    BOS + the content + the answer prefix (`fdlib.data.nq.encode_prompt`)."""
     return encode_prompt(tokenizer, content, answer_prefix)
 
 
@@ -703,7 +703,7 @@ def _nq_questions(
     pool = [e for e in split_examples(builder.examples, split) if keep is None or keep(e)]  # type: ignore[arg-type]
     if n > len(pool):
         raise ValueError(f"size {n} exceeds the {len(pool)} usable questions of the {split} split")
-    random.Random(f"fdlib.tasks:nq:{seed}").shuffle(pool)
+    random.Random(f"fdlib.data.tasks:nq:{seed}").shuffle(pool)
     return pool[:n]
 
 
@@ -758,7 +758,7 @@ def rag_task(
 
     The gold document is at `depth` among the documents (None: spread). The relevant span is the
     gold document's line; extra spans `doc0`.. and `question`; `info["qa_sample"]` is the same
-    prompt as a `fdlib.data.QASample` (for `fdlib.score_sample`). Questions: a seeded
+    prompt as a `fdlib.data.nq.QASample` (for `fdlib.score_sample`). Questions: a seeded
     permutation of the `split` (test by default, so heads found on train are not scored on it).
     """
     tokenizer, depths = _prepare("rag_nq", tokenizer, n_tokens, size, depth, seed, max_context)

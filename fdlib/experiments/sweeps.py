@@ -1,5 +1,5 @@
 """The paper's split-softmax and focus-direction grids (Figures 3 and 4) on NQ: the grids as
-`Condition`s, one call of `fdlib.study.run_study` per sweep, EM tables with bootstrap CIs and
+`Condition`s, one call of `fdlib.study.runner.run_study` per sweep, EM tables with bootstrap CIs and
 paired tests. Per question: one prefill per input variant (long, gold-only, negative), every
 condition decoded from that shared cache in batches; one transaction per question.
 """
@@ -14,17 +14,17 @@ import numpy as np
 import pandas as pd
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.conditions import Condition, Rows, baselines
-from fdlib.conditions import focus_grid as _focus_grid
-from fdlib.conditions import reweight_grid
-from fdlib.data import NQBuilder, QASample, Size
-from fdlib.decoding import prefill
-from fdlib.directions import FocusDirections
-from fdlib.engine import RowIntervention, decode_batch
-from fdlib.evaluate import best_subspan_em, bootstrap_ci
-from fdlib.heads import Head
-from fdlib.store import Store, merge_stores  # noqa: F401  (the shard merge, for the CLI's users)
-from fdlib.study import StudySample, row_intervention, run_study, study_frame
+from fdlib.study.conditions import Condition, Rows, baselines
+from fdlib.study.conditions import focus_grid as _focus_grid
+from fdlib.study.conditions import reweight_grid
+from fdlib.data.nq import NQBuilder, QASample, Size
+from fdlib.model.decoding import prefill
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import RowIntervention, decode_batch
+from fdlib.core.metrics import best_subspan_em, bootstrap_ci
+from fdlib.core.heads import Head
+from fdlib.core.store import Store, merge_stores  # noqa: F401  (the shard merge, for the CLI's users
+from fdlib.study.runner import StudySample, row_intervention, run_study, study_frame
 
 # The paper's grid; `quick` is a handful of configurations CI can run.
 GRIDS: dict[str, dict] = {
@@ -220,41 +220,3 @@ def attention_per_document(
         "answer_before": before.text, "answer_after": after.text,
         "em_before": best_subspan_em(before.text, sample.answers), "em_after": best_subspan_em(after.text, sample.answers),
     }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: one sweep (or one shard of it) into a store; see the README's SLURM example."""
-    import argparse
-
-    from fdlib.models import DEFAULT_MODEL, load_model
-    from fdlib.scoring import contextual_study
-
-    ap = argparse.ArgumentParser(prog="python -m fdlib.sweeps", description="split-softmax sweep")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--size", choices=["quick", "paper", "full"], default="quick", help="grid and question count")
-    ap.add_argument("--questions", type=int, help="number of test questions (overrides --size)")
-    ap.add_argument("--skip", type=int, default=0, help="leave out the first N test questions")
-    ap.add_argument("--taus", type=float, nargs="+")
-    ap.add_argument("--ks", type=int, nargs="+")
-    ap.add_argument("--seeds", type=int, nargs="+")
-    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads")
-    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
-    ap.add_argument("--store", default="runs/sweep.sqlite")
-    ap.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
-    ap.add_argument("--batch-size", type=int, default=32, help="conditions decoded together over one prompt cache")
-    args = ap.parse_args(argv)
-    model = load_model(args.model)
-    heads_size = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
-    study = contextual_study(model, size=heads_size, split="train", store=args.heads_store)
-    n_total = model.cfg.n_layers * model.cfg.n_heads
-    count = args.questions if args.questions is not None else args.size
-    if isinstance(count, int):
-        count += args.skip
-    questions = question_inputs(model, split="test", size=count)[args.skip :]
-    configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
-    run_sweep(model, questions, configs, ranked_heads=study.heads(n_total), store=args.store, shard=tuple(args.shard),
-              batch_size=args.batch_size)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,5 @@
 """Training focus directions: the activations the loss reads, their on-disk cache, the loss
-(`span_score`) and the optimiser loop, and the command line `python -m fdlib.training`.
+(`span_score`) and the optimiser loop, and the command line `python -m fdlib train`.
 
 The loss is -S_C, the attention the chosen heads' response rows give the relevant span, or, with
 `loss="contrast"`, -(S_C - S_IRmax): the relevant span's share minus that of the irrelevant
@@ -8,7 +8,7 @@ the prompt) alike. Both are computed from cached queries and keys exactly as the
 its attention (`attention_rows`): the layer's own scaling (`query_pre_attn_scalar`, ...),
 attention-logit softcapping (Gemma 2) and sliding window (Mistral, Gemma 2/3), per chosen head
 (`span_score_settings`). Pre-RoPE activations live after
-the q/k norm and before the rotation, the space `fdlib.directions.focus_directions` adds
+the q/k norm and before the rotation, the space `fdlib.interventions.directions.focus_directions` adds
 pre-RoPE directions in; each layer's own rotation (Gemma 3: local and global bases) maps them.
 """
 
@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib import arch
-from fdlib.decoding import hooks
-from fdlib.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
-from fdlib.heads import Head, check_heads
-from fdlib.models import model_name
-from fdlib.store import atomic_write
+from fdlib.model import arch
+from fdlib.model.decoding import hooks
+from fdlib.interventions.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
+from fdlib.core.heads import Head, check_heads
+from fdlib.model.loading import model_name
+from fdlib.core.store import atomic_write
 
 Loss = Literal["relevant", "contrast"]
 LOSSES: tuple[str, ...] = ("relevant", "contrast")
@@ -85,7 +85,7 @@ def _run_response(model: TransformerBridge, ids: Tensor, response_start: int) ->
     Returns every layer's post-RoPE queries of the response rows [rows, head_index, d_head] and
     the KV cache, which then holds every position's post-RoPE keys (per KV head; every position,
     also on sliding-window layers)."""
-    from fdlib.decoding import prefill
+    from fdlib.model.decoding import prefill
 
     facts = arch.check_supported(model, "train")
     rotary = arch.RotaryTable(model.original_model) if facts.query_kind == arch.BEFORE_ROTATION else None
@@ -156,7 +156,7 @@ def collect_activations(
     response rows run through the bridge, where the query hook (`arch.model_facts(model).query_hook`)
     gives their queries.
     """
-    from fdlib.decoding import _as_ids
+    from fdlib.model.decoding import _as_ids
 
     ids = _as_ids(tokens)
     T = int(ids.shape[0])
@@ -241,7 +241,7 @@ class ActivationCache:
         or written for another model."""
         from safetensors import safe_open
 
-        from fdlib.spans import Span
+        from fdlib.core.spans import Span
 
         path = self.path(example_id)
         try:
@@ -298,7 +298,7 @@ def shuffled_position(question_id: str, n_docs: int) -> int:
     1..n_docs, drawn from the question's id (the same on every machine, whatever else is drawn)."""
     import random
 
-    return random.Random(f"fdlib.training.shuffled:{question_id}").randint(1, n_docs)
+    return random.Random(f"fdlib.interventions.training.shuffled:{question_id}").randint(1, n_docs)
 
 
 def build_activation_cache(
@@ -321,8 +321,8 @@ def build_activation_cache(
     """
     from tqdm.auto import tqdm
 
-    from fdlib.data import NQBuilder
-    from fdlib.decoding import decode, prefill
+    from fdlib.data.nq import NQBuilder
+    from fdlib.model.decoding import decode, prefill
 
     builder = NQBuilder(model.tokenizer)
     golds = builder.samples(split=split, size=size, variant="gold")
@@ -567,8 +567,8 @@ def train_nq_directions(
     `root` defaults to `<fdlib cache>/activations`. Extra keyword arguments go to
     `train_focus_directions` (lr, epochs, weight_decay, seed, loss, max_norm).
     """
-    from fdlib.data import SPLIT_SEED
-    from fdlib.models import cache_dir
+    from fdlib.data.nq import SPLIT_SEED
+    from fdlib.model.loading import cache_dir
 
     check_trainable(model, placement)
     cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set)
@@ -580,43 +580,3 @@ def train_nq_directions(
     result.directions.settings.update({"size": size if isinstance(size, (int, str)) else str(size), "n_docs": n_docs,
                                        "cache_mib": round(cache.nbytes() / 2**20, 1)})
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: train one set of directions on the NQ training split and save it."""
-    import argparse
-
-    from fdlib.models import DEFAULT_MODEL, load_model
-    from fdlib.scoring import contextual_study
-
-    ap = argparse.ArgumentParser(prog="python -m fdlib.training", description="train focus directions on NQ")
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--training-set", choices=list(TRAINING_SETS), default="gold")
-    ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
-    ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
-    ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
-    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
-    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
-    ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--loss", choices=list(LOSSES), default="relevant",
-                    help="relevant: -S_C (the paper's); contrast: -(S_C - S_IRmax), k-document training sets only")
-    ap.add_argument("--max-norm", type=float, help="bound each head's |d_Q| and |d_K| (default: none)")
-    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
-    args = ap.parse_args(argv)
-    model = load_model(args.model)
-    size = int(args.size) if args.size.isdigit() else args.size
-    heads = None
-    if args.top:
-        hs = int(args.heads_size) if args.heads_size.isdigit() else args.heads_size
-        heads = contextual_study(model, size=hs, split="train", store=args.heads_store).heads(args.top)
-    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=size,
-                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed,
-                                 loss=args.loss, max_norm=args.max_norm)
-    result.directions.save(args.out)
-
-
-if __name__ == "__main__":
-    main()

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from fdlib.spans import Span
+from fdlib.core.spans import Span
 
 Head = tuple[int, int]
 
@@ -326,7 +326,7 @@ def reference_dk_logit_shift_pre_rope(
 def check_dk_logit_shift_pre_rope(fn: Callable[[Tensor, Tensor, Tensor, Tensor], Any], *, seed: int = 0) -> str:
     """Check `fn(q, k, d_k, q_positions) -> [query_pos, key_pos]`: the same shift when d_K is
     added to the keys BEFORE RoPE (pre-RoPE q and k; keys at positions 0..key_pos-1, queries at
-    `q_positions`; use `fdlib.exercises.rotate`). Now the shift depends on the key's position."""
+    `q_positions`; use `fdlib.views.exercises.rotate`). Now the shift depends on the key's position."""
     g = torch.Generator().manual_seed(seed)
     for n_q, n_k, d in [(3, 7, 8), (4, 10, 16)]:
         q, k, d_k = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((n_q, d), (n_k, d), (d,)))

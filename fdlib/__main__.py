@@ -1,0 +1,185 @@
+"""fdlib's one command line: `python -m fdlib <command>`.
+
+    python -m fdlib train --training-set gold --out dirs.safetensors   # focus directions on NQ
+    python -m fdlib sweep --size paper --shard 3 8                     # a split-softmax sweep
+    python -m fdlib paper status|run|merge|export [--only 02 07]       # the paper-size run
+    python -m fdlib reproduce [--size quick]                           # render notebooks + README
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, results/, figures/
+
+
+def _size(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
+def _train_args(ap: argparse.ArgumentParser) -> None:
+    from fdlib.interventions.directions import TRAINING_SETS
+    from fdlib.interventions.training import LOSSES
+    from fdlib.model.loading import DEFAULT_MODEL
+
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--training-set", choices=list(TRAINING_SETS), default="gold")
+    ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
+    ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
+    ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
+    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
+    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss", choices=list(LOSSES), default="relevant",
+                    help="relevant: -S_C (the paper's); contrast: -(S_C - S_IRmax), k-document training sets only")
+    ap.add_argument("--max-norm", type=float, help="bound each head's |d_Q| and |d_K| (default: none)")
+    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train one set of directions on the NQ training split and save it."""
+    from fdlib.experiments.contextual import contextual_study
+    from fdlib.interventions.training import train_nq_directions
+    from fdlib.model.loading import load_model
+
+    model = load_model(args.model)
+    heads = None
+    if args.top:
+        heads = contextual_study(model, size=_size(args.heads_size), split="train", store=args.heads_store).heads(args.top)
+    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=_size(args.size),
+                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed,
+                                 loss=args.loss, max_norm=args.max_norm)
+    result.directions.save(args.out)
+
+
+def _sweep_args(ap: argparse.ArgumentParser) -> None:
+    from fdlib.model.loading import DEFAULT_MODEL
+
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--size", choices=["quick", "paper", "full"], default="quick", help="grid and question count")
+    ap.add_argument("--questions", type=int, help="number of test questions (overrides --size)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N test questions")
+    ap.add_argument("--taus", type=float, nargs="+")
+    ap.add_argument("--ks", type=int, nargs="+")
+    ap.add_argument("--seeds", type=int, nargs="+")
+    ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads")
+    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--store", default="runs/sweep.sqlite")
+    ap.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
+    ap.add_argument("--batch-size", type=int, default=32, help="conditions decoded together over one prompt cache")
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """One split-softmax sweep (or one shard of it) into a store; see the README's SLURM example."""
+    from fdlib.experiments.contextual import contextual_study
+    from fdlib.experiments.sweeps import question_inputs, run_sweep, split_grid
+    from fdlib.model.loading import load_model
+
+    model = load_model(args.model)
+    study = contextual_study(model, size=_size(args.heads_size), split="train", store=args.heads_store)
+    n_total = model.cfg.n_layers * model.cfg.n_heads
+    count = args.questions if args.questions is not None else args.size
+    if isinstance(count, int):
+        count += args.skip
+    questions = question_inputs(model, split="test", size=count)[args.skip :]
+    configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
+    run_sweep(model, questions, configs, ranked_heads=study.heads(n_total), store=args.store, shard=tuple(args.shard),
+              batch_size=args.batch_size)
+
+
+def _paper_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("action", choices=["status", "run", "merge", "export"])
+    ap.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 02 07 (default: all, in order)")
+    ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
+    ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
+    ap.add_argument("--root", default=str(ROOT))
+    ap.add_argument("--threads", type=int, help="torch threads per notebook (default: all cores; give each job of a "
+                                                "shared machine its share)")
+    ap.add_argument("--from-results", action="store_true",
+                    help="run: start every missing working store from its committed results (continue a "
+                         "committed run; the inputs from earlier notebooks included)")
+
+
+def paper(args: argparse.Namespace) -> None:
+    """The paper-size run: status, run (resumes, then exports), merge (shards), export."""
+    from fdlib.runs import paper as run
+    from fdlib.runs.workspace import parse_shard
+
+    # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    root = Path(args.root)
+    ws = run.workspace(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
+    chosen = run.chosen(args.only)
+    if args.action == "status":
+        print(run.format_status(run.study_status(ws)))
+    elif args.action == "merge":
+        print("\n".join(str(p) for p in run.merge(ws, chosen)) or "no shard stores")
+    elif args.action == "export":
+        print("\n".join(str(p) for p in run.export(ws, chosen)))
+    else:
+        if args.from_results:
+            for p in run.seed_from_results(ws):
+                print(f"started {p} from the committed results", flush=True)
+        print(f"paper-size run of {ws.model}; stores in {ws.runs / run.PAPER}. Where it stands:", flush=True)
+        print(run.format_status(run.study_status(ws)), flush=True)
+        for nb in chosen:
+            print(f"\n== {nb} ==", flush=True)
+            seconds = run.run_notebook(root / "notebooks" / f"{nb}.ipynb", ws, args.threads)
+            print(f"{nb}: {run.hms(seconds)}", flush=True)
+            if not ws.sharded:
+                run.export(ws, [nb])
+        print(run.format_status(run.study_status(ws)), flush=True)
+
+
+def _reproduce_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--size", default="paper", help="paper (default: render the committed results), quick, full, or a count")
+    ap.add_argument("--notebooks", default=str(ROOT / "notebooks"))
+    ap.add_argument("notebook", nargs="*", help="only these notebooks (default: all, in name order)")
+
+
+def reproduce(args: argparse.Namespace) -> None:
+    """Run the notebooks top to bottom so each writes its figures; at `paper`, render the README."""
+    from fdlib.runs.reproduce import reproduce as render
+
+    render(Path(args.notebooks), args.size, [Path(p) for p in args.notebook])
+
+
+COMMANDS = {
+    "train": (train, _train_args),
+    "sweep": (sweep, _sweep_args),
+    "paper": (paper, _paper_args),
+    "reproduce": (reproduce, _reproduce_args),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from fdlib.runs import paper as paper_run
+    from fdlib.runs import reproduce as reproduce_run
+
+    descriptions = {"paper": paper_run.__doc__, "reproduce": reproduce_run.__doc__}
+    ap = argparse.ArgumentParser(prog="python -m fdlib", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="command")
+    for name, (run, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=run.__doc__.splitlines()[0], description=descriptions.get(name, run.__doc__),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_args(p)
+        p.set_defaults(run=run)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
