@@ -23,8 +23,9 @@ import time
 import torch
 
 import fdlib
+from fdlib.interventions.engine import decode_batch
+from fdlib.interventions.row import RowIntervention
 from fdlib.model.decoding import prefill
-from fdlib.interventions.engine import RowIntervention, decode_batch
 from fdlib.model.loading import converted_checkpoint
 
 

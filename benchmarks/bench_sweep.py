@@ -30,11 +30,11 @@ from pathlib import Path
 
 import fdlib
 from fdlib.experiments import sweeps
-from fdlib.study.conditions import Condition
-from fdlib.model.decoding import prefill
 from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.engine import Job, decode_batch, decode_jobs
-from fdlib.study.runner import StudySample, decode_sequential, row_intervention, run_study
+from fdlib.model.decoding import prefill
+from fdlib.study.conditions import Condition
+from fdlib.study.runner import StudySample, decode_sequential, run_study
 
 DIRECTIONS = Path(__file__).resolve().parents[1] / "figures" / "data" / "directions_gold_post_rope.safetensors"
 
@@ -65,7 +65,7 @@ def planned(model, sample, ranked, dirs, n):
     out = []
     for c in conditions(n):
         heads = c.head_set({"contextual": ranked}, L, H)
-        out.append((c, heads, row_intervention(c, heads, st, dirs)))
+        out.append((c, heads, c.row(heads, st.spans(), dirs)))
     return st, out
 
 

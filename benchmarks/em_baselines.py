@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 
 import fdlib
-from fdlib.experiments.contextual import score_dataset
+from fdlib.experiments.contextual import scored
 from fdlib.study.scores import em_summary
 
 
@@ -26,7 +26,8 @@ def main() -> None:
     settings = [("gold-only", dict(variant="gold")), ("10 docs, gold 5", dict(n_docs=10)), ("20 docs, gold 10", dict(n_docs=20))]
     for label, kw in settings:
         samples = builder.samples(split="test", size=args.n, **kw)
-        results = score_dataset(model, samples, store=args.store)
+        frame = fdlib.run_study(model, samples, [fdlib.Condition.baseline(samples[0].variant)], store=args.store)
+        results = scored(model, frame, samples)
         s = em_summary(results)
         n_tok = sum(x.n_tokens for x in samples) / len(samples)
         print(f"{label:>18}: EM {s['em']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}] n={s['n']} mean prompt {n_tok:.0f} tokens", flush=True)

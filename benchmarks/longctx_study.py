@@ -25,9 +25,10 @@ from pathlib import Path
 import pandas as pd
 
 import fdlib
-from fdlib.experiments import longctx, retrieval
-from fdlib.interventions.directions import FocusDirections, train_nq_directions
 from fdlib.data.tasks import TASKS
+from fdlib.experiments import longctx, retrieval
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.training import train_nq_directions
 
 
 def _size(text: str) -> str | int:
@@ -88,8 +89,8 @@ def main() -> None:
         counts = counts * len(lengths) if len(counts) == 1 else counts
         suite = [s for length, n in zip(lengths, counts)
                  for s in longctx.task_suite(model, tasks=args.tasks, lengths=[length], size=n)]
-        frame = longctx.task_study(model, suite, ranked_heads=ranked, directions=directions,
-                                   store=runs / f"longctx_tasks_{tag}.sqlite")
+        frame = fdlib.run_study(model, suite, longctx.task_conditions(), heads={"contextual": ranked},
+                                directions={"focus": directions}, store=runs / f"longctx_tasks_{tag}.sqlite")
         _print("Table 2: mean score [95% bootstrap CI] per task and length", longctx.table2(frame, ci=True))
         signs = longctx.versus_baseline(longctx.table2(frame)).astype(object).replace({1.0: "+", -1.0: "-", 0.0: "="}).fillna("")
         _print("vs baseline (+ better, - worse)", signs)
@@ -98,8 +99,9 @@ def main() -> None:
         _print("Sink score spread across tasks", longctx.sink_spread(sinks).round(4))
 
     if "lost" in args.study:
-        lost = longctx.lost_in_the_middle(model, ranked_heads=ranked, directions=directions,
-                                          size=args.questions or args.size, store=runs / f"longctx_lost_{tag}.sqlite")
+        lost = fdlib.run_study(model, longctx.position_samples(model, size=args.questions or args.size),
+                               longctx.lost_conditions(), heads={"contextual": ranked}, directions={"focus": directions},
+                               store=runs / f"longctx_lost_{tag}.sqlite")
         _print("Lost in the middle: EM and top-5 relevant score per gold position",
                longctx.position_table(lost, ranked[:5]).round(3))
 
@@ -118,8 +120,9 @@ def main() -> None:
         k = len(retrieval_top)
         head_sets = {"retrieval": retrieval_top, "contextual": contextual_top[:k]}  # and k random heads (seed 0)
         for n_docs in args.boost_docs:
-            frame = longctx.boost_ablate(model, head_sets=head_sets, k=k, size=args.questions or args.size, n_docs=n_docs,
-                                         store=runs / f"longctx_boost_ablate_{tag}.sqlite")
+            samples = longctx.boost_samples(model, size=args.questions or args.size, n_docs=n_docs)
+            frame = fdlib.run_study(model, samples, longctx.boost_ablate_conditions(list(head_sets), k=k), heads=head_sets,
+                                    store=runs / f"longctx_boost_ablate_{tag}.sqlite")
             _print(f"NQ EM, {n_docs} document(s), boosted (split-softmax tau=0.1) or ablated, k={k}",
                    longctx.condition_table(frame).round(3))
     print(f"\ntotal {time.perf_counter() - start:.0f} s", flush=True)

@@ -8,7 +8,7 @@ bottom up, each importing only those below it (`tests/test_layout.py` holds the 
 3. `fdlib.model`: loading, architecture facts, prefill and the sequential decode;
 4. `fdlib.interventions`: what a row does (span maps, focus directions, ablation), the hooks
    and the batched engine that execute it, training, the paper's release;
-5. `fdlib.study`: conditions, contextual scores, the one runner and its store;
+5. `fdlib.study`: conditions, contextual scores, the one runner and its reader;
 6. `fdlib.experiments`: the paper's studies;
 7. `fdlib.views`: plots, the head explorer, the gallery, the workshop's exercises;
 8. `fdlib.runs`: a size's workspace, the paper-size run, reproducing the README.

@@ -80,8 +80,9 @@ def _sweep_args(ap: argparse.ArgumentParser) -> None:
 def sweep(args: argparse.Namespace) -> None:
     """One split-softmax sweep (or one shard of it) into a store; see the README's SLURM example."""
     from fdlib.experiments.contextual import contextual_study
-    from fdlib.experiments.sweeps import question_inputs, run_sweep, split_grid
+    from fdlib.experiments.sweeps import question_inputs, split_grid, sweep_samples
     from fdlib.model.loading import load_model
+    from fdlib.study.runner import run_study
 
     model = load_model(args.model)
     study = contextual_study(model, size=_size(args.heads_size), split="train", store=args.heads_store)
@@ -91,8 +92,8 @@ def sweep(args: argparse.Namespace) -> None:
         count += args.skip
     questions = question_inputs(model, split="test", size=count)[args.skip :]
     configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
-    run_sweep(model, questions, configs, ranked_heads=study.heads(n_total), store=args.store, shard=tuple(args.shard),
-              batch_size=args.batch_size)
+    run_study(model, sweep_samples(questions, configs), configs, heads={"contextual": study.heads(n_total)},
+              store=args.store, shard=tuple(args.shard), batch_size=args.batch_size, desc=f"sweep shard {args.shard[0]}/{args.shard[1]}")
 
 
 def _paper_args(ap: argparse.ArgumentParser) -> None:

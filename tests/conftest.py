@@ -59,8 +59,9 @@ class Tiny:
 
 def build_tiny(seed: int = 0, **overrides) -> Tiny:
     """A bridge over a random tiny GQA Llama, plus a separate eager HF copy as the reference."""
-    import fdlib
     from transformers import LlamaForCausalLM
+
+    import fdlib
 
     torch.manual_seed(seed)
     config = build_llama_config(**overrides)

@@ -11,18 +11,15 @@ before any forward.
 
 from __future__ import annotations
 
-
+import eager_reference as ref
 import pytest
 import torch
-
-import eager_reference as ref
-import fdlib
 from arch_models import ARCH_FACTS, ARCHS, WINDOW, build_arch, cached_arch
-from fdlib.model import arch
-from fdlib.model.decoding import prefill
+
+import fdlib
+from fdlib.experiments.retrieval import ArgmaxRecorder
 from fdlib.interventions.directions import FocusDirections, focus_directions
 from fdlib.interventions.hooks import ablate_heads, split_softmax
-from fdlib.experiments.retrieval import ArgmaxRecorder
 from fdlib.interventions.training import (
     collect_activations,
     contrast_score,
@@ -30,6 +27,8 @@ from fdlib.interventions.training import (
     span_score_settings,
     train_focus_directions,
 )
+from fdlib.model import arch
+from fdlib.model.decoding import prefill
 
 # Tiny matrices: one thread is ~1000x faster than several spinning on shared cores.
 torch.set_num_threads(1)

@@ -12,8 +12,9 @@ import pytest
 
 import fdlib
 from fdlib.core.store import Store, load_results
-from fdlib.experiments.contextual import score_dataset
 from fdlib.runs.workspace import Workspace
+from fdlib.study.conditions import Condition
+from fdlib.study.runner import run_study
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +43,6 @@ def test_committed_head_ranking_reproduces(smol):
     long = builder.samples(split="train", size=1, n_docs=20)
     gold = builder.samples(split="train", size=1, variant="gold")
     with Store(":memory:") as fresh:
-        score_dataset(smol, long, store=fresh, progress=False)
-        score_dataset(smol, gold, store=fresh, progress=False)
+        run_study(smol, long, [Condition.baseline()], store=fresh, progress=False)
+        run_study(smol, gold, [Condition.baseline("gold")], store=fresh, progress=False)
         assert _compare(path, fresh, {long[0].id, gold[0].id}) == 2

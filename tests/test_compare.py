@@ -7,14 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import fake_samples
 
 import fdlib
 from fdlib.experiments import compare
-from fdlib.views import plots
-from fdlib.study.conditions import Condition
 from fdlib.interventions.directions import FocusDirections
 from fdlib.model.loading import model_name
-from conftest import fake_samples
+from fdlib.study.conditions import Condition
+from fdlib.views import plots
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
 

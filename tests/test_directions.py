@@ -7,8 +7,8 @@ import torch
 from transformers import AttentionInterface
 
 import fdlib
-from fdlib.model.decoding import prefill
 from fdlib.interventions.directions import FocusDirections, focus_directions
+from fdlib.model.decoding import prefill
 
 HEADS = [(0, 1), (1, 3), (1, 2)]
 
@@ -248,6 +248,7 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     """The on-disk cache on a tiny model reading real NQ prompts: what it returns equals a fresh
     collection; an interrupted build resumes at the missing example only; bad files fail clearly."""
     from conftest import build_tiny
+    from safetensors import safe_open
 
     from fdlib.interventions.training import (
         ActivationCache,
@@ -255,7 +256,6 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
         build_activation_cache,
         collect_activations,
     )
-    from safetensors import safe_open
 
     tiny = build_tiny(max_position_embeddings=4096)
     cache = ActivationCache(tmp_path, tiny.model, "long", dtype=torch.float32)
@@ -316,13 +316,16 @@ def test_key_bias_is_d_q_dot_keys_after_rope(tiny):
 def test_focus_table_shape_and_direction(tiny):
     from conftest import fake_samples
 
-    from fdlib.experiments.contextual import focus_table
+    from fdlib.experiments.contextual import focus_table, table3_conditions
     from fdlib.interventions.training import train_focus_directions
+    from fdlib.study.runner import run_study
 
     acts = planted_activations(tiny)
     trained = train_focus_directions(tiny.model, acts, HEADS, lr=0.3, epochs=10, progress=False).directions
     samples = fake_samples(3) + fake_samples(2, "gold")
-    t = focus_table(tiny.model, samples, trained, HEADS, 1.0, progress=False)
+    frame = run_study(tiny.model, samples, table3_conditions(samples, 1.0, HEADS), directions={"focus": trained},
+                      progress=False)
+    t = focus_table(tiny.model, frame, samples, 1.0, HEADS)
     assert set(t.index.get_level_values("case")) == {"long", "gold"}
     assert set(t.index.get_level_values("directions")) == {"without", "alpha=1"}
     assert {"R", "IR", "IR-max", "Sink", "EM", "n"} <= set(t.columns)

@@ -7,16 +7,17 @@ import contextlib
 
 import pytest
 import torch
+from conftest import build_tiny, fake_samples
 
 import fdlib
-from fdlib.model.decoding import decode, prefill
-from fdlib.interventions.directions import FocusDirections
-from fdlib.interventions.engine import RowIntervention, decode_batch
 from fdlib.core.heads import random_heads
-from fdlib.model.loading import StopTokens, model_name
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import decode_batch
 from fdlib.interventions.hooks import ablate_heads, reweight_span
 from fdlib.interventions.reweighting import target_share
-from conftest import build_tiny, fake_samples
+from fdlib.interventions.row import RowIntervention
+from fdlib.model.decoding import decode, prefill
+from fdlib.model.loading import StopTokens, model_name
 
 
 def _directions(model, placement, seed):

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from arch_models import ARCHS, cached_arch
 from eager_reference import Ablate, Focus, Split, greedy, run
-from fdlib.model.decoding import prefill
-from fdlib.interventions.directions import FocusDirections
-from fdlib.interventions.engine import RowIntervention, decode_batch
-from fdlib.model.loading import StopTokens, model_name
+
 from fdlib.core.spans import Span
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import decode_batch
+from fdlib.interventions.row import RowIntervention
+from fdlib.model.decoding import prefill
+from fdlib.model.loading import StopTokens, model_name
 
 N_NEW = 6
 PROMPT = 20  # > the tiny models' window of 8

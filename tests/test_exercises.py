@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from fdlib.views import exercises as X
 from fdlib.core.spans import Span
-
+from fdlib.views import exercises as X
 
 # --- (a) contextual score ----------------------------------------------------------------------
 

@@ -12,15 +12,15 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
+from conftest import fake_samples
 
 import fdlib
-from conftest import fake_samples
-from fdlib.views import explorer as E
-from fdlib.study.conditions import Condition
-from fdlib.views import plots
-from fdlib.model.decoding import decode, prefill
 from fdlib.interventions.directions import FocusDirections, focus_directions
+from fdlib.model.decoding import decode, prefill
+from fdlib.study.conditions import Condition
 from fdlib.study.scores import top_heads
+from fdlib.views import explorer as E
+from fdlib.views import plots
 
 
 def eager_attention(hf, ids):
@@ -177,8 +177,8 @@ def test_explorer_callbacks_update_state(tiny, samples, monkeypatch):
     import fdlib.model.decoding as decoding
 
     calls = []
-    real_prefill = fdlib.model.decoding.prefill
-    monkeypatch.setattr(fdlib.model.decoding, "prefill", lambda model, ids, **kw: calls.append(1) or real_prefill(model, ids, **kw))
+    real_prefill = decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda model, ids, **kw: calls.append(1) or real_prefill(model, ids, **kw))
     ex = E.HeadExplorer(tiny.model, samples, top_k=2, tau=0.2)
     # initial head: the best relevant head of the first sample's plain answer
     plain = E.explore_sample(tiny.model, samples[0], real_prefill(tiny.model, samples[0].input_ids), (0, 0))

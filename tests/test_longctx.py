@@ -4,23 +4,22 @@ model, the engine's resume and identity rules, and refusal of over-long inputs b
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import fdlib
-from fdlib.experiments import longctx
-from fdlib.views import plots
-from fdlib.interventions.directions import FocusDirections
 from fdlib.core.metrics import bootstrap_ci
-from fdlib.interventions.hooks import ablate_heads
-from fdlib.study.conditions import Condition
-from fdlib.experiments.longctx import BASELINE
-from fdlib.study.runner import StudySample
-from fdlib.model.loading import model_name
 from fdlib.data.tasks import TaskSample
+from fdlib.experiments import longctx
+from fdlib.experiments.longctx import BASELINE
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.hooks import ablate_heads
+from fdlib.model.loading import model_name
+from fdlib.study.conditions import Condition
+from fdlib.study.runner import StudySample
+from fdlib.views import plots
 
 RELEVANT = fdlib.Span(10, 16)
 

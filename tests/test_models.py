@@ -83,6 +83,7 @@ def test_missing_architectures_are_named_after_the_model_class(tiny):
 def test_conversion_names_the_architecture(monkeypatch, tmp_path, tiny):
     """converted_checkpoint writes `architectures` even when the loaded GGUF model has none."""
     import transformers
+
     from fdlib.model import loading as models
 
     hf = _tiny_gemma3(tiny.tokenizer)

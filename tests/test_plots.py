@@ -132,12 +132,12 @@ def test_em_vs_k_is_tall_enough_for_figure_4s_legend():
 
 
 def test_key_bias_and_loss_curves():
-    fig = plots.key_bias([0.5, 0.1, 0.2, 0.3, 0.4], list("abcde"), [(1, 3), (3, 5)], 1, head="L1H2")
+    fig = plots.key_bias_by_token([0.5, 0.1, 0.2, 0.3, 0.4], list("abcde"), [(1, 3), (3, 5)], 1, head="L1H2")
     by_name = {d.name: d for d in fig.data}
     assert list(by_name["sink"].x) == [0] and list(by_name["doc 2 (gold)"].x) == [3, 4]
     assert "L1H2" in fig.layout.title.text and "%{customdata[0]}" in fig.data[0].hovertemplate
     with pytest.raises(ValueError, match="outside"):
-        plots.key_bias([0.1, 0.2], ["a", "b"], [(1, 3)], None, head="x")
+        plots.key_bias_by_token([0.1, 0.2], ["a", "b"], [(1, 3)], None, head="x")
     fig = plots.loss_curves({"gold": [-0.1, -0.2], "long": [-0.05, -0.06]})
     assert [d.name for d in fig.data] == ["gold", "long"] and list(fig.data[0].x) == [1, 2]
 

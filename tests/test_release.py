@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import build_tiny
+
 from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.release import (
     RELEASE_ALPHA,

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fake_samples
 
 import fdlib
+from fdlib.core.store import Store, export_results, load_results, open_store
 from fdlib.runs import paper, reproduce
+from fdlib.runs.workspace import Workspace, parse_shard
 from fdlib.study import runner as study
 from fdlib.study.conditions import Condition
-from fdlib.views.gallery import record_findings, results_markdown, update_readme
-from fdlib.core.store import Store, export_results, load_results, open_store
 from fdlib.study.runner import run_study, study_frame
-from fdlib.runs.workspace import Workspace, parse_shard
-from conftest import fake_samples
+from fdlib.views.gallery import record_findings, results_markdown, update_readme
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
 CONDS = [Condition.baseline(), Condition.split(0.1, "contextual", 2), Condition.ablate("random", 2, seed=0)]

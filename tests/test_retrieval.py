@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import fdlib
+from fdlib.data.tasks import TaskSample
 from fdlib.experiments import retrieval
 from fdlib.model.decoding import hooks
-from fdlib.data.tasks import TaskSample
 
 
 def test_rouge1_recall():

@@ -9,8 +9,8 @@ from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
 import fdlib
-from fdlib.model.decoding import prefill
 from fdlib.interventions.hooks import reweight, split_softmax
+from fdlib.model.decoding import prefill
 
 
 def reference_reweight(weights, heads, span, tau, from_pos):

@@ -5,10 +5,11 @@ import pytest
 import torch
 from conftest import fake_samples
 
-import fdlib
 import fdlib.study.scores as scoring
-from fdlib.experiments.contextual import score_dataset
 from fdlib.core.store import Row, Store
+from fdlib.experiments.contextual import scored
+from fdlib.study.conditions import Condition
+from fdlib.study.runner import run_study
 
 
 def test_store_round_trip_and_replace(tmp_path):
@@ -23,6 +24,12 @@ def test_store_round_trip_and_replace(tmp_path):
     assert list(db.rows(["other"])) == []
     db.close()
     assert len(Store(tmp_path / "r.sqlite")) == 1  # persisted
+
+
+def score_dataset(model, samples, **kw):
+    """Every sample's greedy answer and scores: the baseline of each variant, one `run_study`."""
+    conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
+    return scored(model, run_study(model, samples, conditions, **kw), samples)
 
 
 def test_interrupted_scoring_resumes_without_duplicates(tiny, tmp_path, monkeypatch):

@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import fake_samples
 
 import fdlib
-from fdlib.study.conditions import Condition, focus_grid, reweight_grid
+from fdlib.core.store import Store
 from fdlib.interventions.directions import FocusDirections
 from fdlib.model.loading import model_name
-from fdlib.core.store import Store
+from fdlib.study.conditions import Condition, focus_conditions, reweight_conditions
 from fdlib.study.runner import StudySample, run_study, study_frame
-from conftest import fake_samples
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 0), (1, 1), (0, 1), (1, 3), (0, 2)]
 
@@ -35,9 +35,9 @@ def _dirs(model, seed=0, placement="post_rope"):
 def _conditions():
     return (
         [Condition.baseline(), Condition.baseline("gold")]
-        + reweight_grid([0.1, 0.0, 1000.0], [1, 3], n_total_heads=8)
+        + reweight_conditions([0.1, 0.0, 1000.0], [1, 3], n_total_heads=8)
         + [Condition.reweight("odds", 0.05, "contextual", 2), Condition.reweight("boost", 10, "contextual", 2)]
-        + focus_grid([0.5, 0.0], [2], directions="d")
+        + focus_conditions([0.5, 0.0], [2], directions="d")
         + [Condition.focus(0.3, "p", "contextual", 3), Condition.ablate("random", 2, seed=1),
            Condition.ablate([(0, 1), (1, 1)]), Condition.focus(0.5, "d", [(0, 1)], rows="all")]
     )
@@ -233,9 +233,10 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     """focus_auto: one probe step over the shared prefix measures the heads' sink share at the
     first answer row for every candidate alpha (checked against the bridge's recorder), the
     closest to the target wins, and the row decodes as focus directions at that alpha."""
-    from fdlib.study.conditions import AUTO_ALPHAS
+    from fdlib.interventions.engine import first_row_scores
+    from fdlib.interventions.row import RowIntervention
     from fdlib.model.decoding import SpanRecorder, hooks, prefill
-    from fdlib.interventions.engine import RowIntervention, first_row_scores
+    from fdlib.study.conditions import AUTO_ALPHAS
     from fdlib.study.runner import StudySample, choose_alpha
 
     s = fake_samples(1)[0]

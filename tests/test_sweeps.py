@@ -6,10 +6,11 @@ from conftest import fake_samples
 
 import fdlib.experiments.sweeps as sweeps
 import fdlib.study.runner as study
-from fdlib.study.conditions import Condition
 from fdlib.core.heads import random_heads
 from fdlib.core.store import Store, merge_stores
-from fdlib.experiments.sweeps import QuestionInputs, run_sweep, split_grid, sweep_frame
+from fdlib.experiments.sweeps import QuestionInputs, split_grid, sweep_samples
+from fdlib.study.conditions import Condition
+from fdlib.study.runner import run_study, study_frame
 
 RANKED = [(1, 2), (0, 3), (1, 0), (0, 1), (1, 1)]
 
@@ -22,8 +23,13 @@ def configs():
     return split_grid("quick", taus=(0.1, 5.0), ks=(1, 3), seeds=(0,))
 
 
+def run_sweep(model, qs, cfgs, *, ranked_heads, **kw):
+    """A sweep is `run_study` over the questions' prompts, the ranking named "contextual"."""
+    return run_study(model, sweep_samples(qs, cfgs), cfgs, heads={"contextual": ranked_heads}, **kw)
+
+
 def table(path):
-    f = sweep_frame(path)
+    f = study_frame(path)
     return f.sort_values(["sample_id", "condition"]).reset_index(drop=True)[["sample_id", "condition", "answer", "em"]]
 
 
@@ -100,8 +106,8 @@ def test_focus_grid():
 def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
     from test_directions import random_dirs
 
-    from fdlib.model.decoding import decode, prefill
     from fdlib.interventions.directions import focus_directions
+    from fdlib.model.decoding import decode, prefill
 
     qs = questions(2)
     dirs = random_dirs(tiny, "post_rope", scale=2.0)
@@ -121,13 +127,13 @@ def test_focus_sweep_response_rows_and_all_rows(tiny, tmp_path):
         assert rows[(q.id, cfgs[1].key)].record["answer"] == want_resp
         base, steered = rows[(q.id, cfgs[0].key)].arrays["relevant"], rows[(q.id, cfgs[1].key)].arrays["relevant"]
         assert any(abs(float(steered[l, h] - base[l, h])) > 1e-4 for l, h in RANKED[:3])
-    t = sweeps.em_table(sweep_frame(tmp_path / "f.sqlite"))
+    t = sweeps.em_table(study_frame(tmp_path / "f.sqlite"))
     assert set(t.method) == {"baseline", "focus"} and set(t[t.method == "focus"].rows) == {"response", "all"}
 
 
 def test_attention_per_document_equals_the_sequential_decode(tiny):
-    from fdlib.model.decoding import decode, prefill
     from fdlib.interventions.hooks import split_softmax
+    from fdlib.model.decoding import decode, prefill
 
     s = fake_samples(1)[0]
     got = sweeps.attention_per_document(tiny.model, s, (1, 2), Condition.split(0.05, [(1, 2), (0, 3)]), max_new_tokens=6)

@@ -125,7 +125,7 @@ def test_json_and_rerank_answer_prefixes(tok, builder):
     assert _decoded(tok, bare, bare.relevant_span) == _decoded(tok, s, s.relevant_span)
     (s,) = tasks.rerank_task(tok, n_tokens=2048, size=1, builder=builder)
     assert s.text.endswith("<|im_start|>assistant\nRanking: [ID:")
-    assert tasks.score(f" {s.answers[0]}]", s) == 1.0  # what follows the prefix is parsed alone
+    assert tasks.grade(f" {s.answers[0]}]", s) == 1.0  # what follows the prefix is parsed alone
     (bare,) = tasks.rerank_task(tok, n_tokens=2048, size=1, builder=builder, answer_prefix=False)
     assert bare.text.endswith("\nRanking:<|im_end|>\n<|im_start|>assistant\n")
 
@@ -151,10 +151,10 @@ def test_icl_demonstrations(tok, builder):
         assert s.text.endswith("<|im_start|>assistant\nLabel:")
     assert tasks.answer_type("What year did it end") == "date" and tasks.answer_type("what is it") == "thing"
     assert tasks.answer_type("how many moons") == "quantity" and tasks.answer_type("the last one") is None
-    assert tasks.score(f" {s.answers[0]}", s) == 1.0 and tasks.score(f"Label: {s.answers[0]}.", s) == 1.0
+    assert tasks.grade(f" {s.answers[0]}", s) == 1.0 and tasks.grade(f"Label: {s.answers[0]}.", s) == 1.0
     wrong = next(str(v) for v in labels.values() if str(v) != s.answers[0])
-    assert tasks.score(wrong, s) == 0.0 and tasks.score(f"{wrong} or {s.answers[0]}", s) == 0.0
-    assert tasks.score("no idea", s) == 0.0
+    assert tasks.grade(wrong, s) == 0.0 and tasks.grade(f"{wrong} or {s.answers[0]}", s) == 0.0
+    assert tasks.grade("no idea", s) == 0.0
 
 
 def test_rag_is_the_studys_prompt(tok, builder):
@@ -169,19 +169,20 @@ def test_rag_is_the_studys_prompt(tok, builder):
 @pytest.mark.parametrize("name", ["niah", "niah_multikey", "json_kv", "rag_nq"])
 def test_substring_scorer(tok, builder, name):
     (s,) = _make(name, tok, builder, 1024, size=1)
-    assert tasks.score(f"The answer is {s.answers[0]}.", s) == 1.0
-    assert tasks.score("I do not know, maybe 0000000.", s) == 0.0
+    assert tasks.grade(f"The answer is {s.answers[0]}.", s) == 1.0
+    assert tasks.grade("I do not know, maybe 0000000.", s) == 0.0
+    assert s.score(f"The answer is {s.answers[0]}.") == 1.0  # the sample's method grades the same way
 
 
 def test_rerank_ndcg(tok, builder):
     (s,) = tasks.rerank_task(tok, n_tokens=2048, size=1, builder=builder)
     gold, ids = s.answers[0], [i for i in s.info["ids"] if i != s.answers[0]]
     assert len(ids) >= 10
-    assert tasks.score(f"Ranking: {gold} > {ids[0]} > {ids[1]}", s) == 1.0
-    assert tasks.score(f"Ranking: ID{ids[0]} > ID{ids[1]} > ID{gold}", s) == pytest.approx(1 / math.log2(4))
-    assert tasks.score(" > ".join(ids[:10] + [gold]), s) == 0.0  # 11th: outside NDCG@10
-    assert tasks.score(" > ".join(ids[:3]), s) == 0.0
-    assert tasks.score("12 > 7 > " + gold, s) == 1.0  # numbers that are no candidate ID are ignored
+    assert tasks.grade(f"Ranking: {gold} > {ids[0]} > {ids[1]}", s) == 1.0
+    assert tasks.grade(f"Ranking: ID{ids[0]} > ID{ids[1]} > ID{gold}", s) == pytest.approx(1 / math.log2(4))
+    assert tasks.grade(" > ".join(ids[:10] + [gold]), s) == 0.0  # 11th: outside NDCG@10
+    assert tasks.grade(" > ".join(ids[:3]), s) == 0.0
+    assert tasks.grade("12 > 7 > " + gold, s) == 1.0  # numbers that are no candidate ID are ignored
     assert tasks.parse_ranking(f"{ids[0]} > {ids[0]} > {gold}", s.info["ids"]) == [ids[0], gold]
 
 

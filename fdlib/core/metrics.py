@@ -1,4 +1,5 @@
-"""The study's metric (best-subspan exact match) and confidence intervals for dataset means."""
+"""The study's metric (best-subspan exact match), confidence intervals for dataset means, and the
+one paired test of two conditions (McNemar)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import string
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -53,3 +55,33 @@ def bootstrap_ci(
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(x.mean()), float(low), float(high)
+
+
+def paired(frame: pd.DataFrame, a: str, b: str, *, by: str = "sample_id", value: str = "score") -> pd.DataFrame:
+    """Conditions `a` and `b` (condition keys) of a study frame side by side, one row per unit of
+    the column `by` that has both, columns `a` and `b` holding the unit's mean `value` (a unit
+    with several rows of one condition, e.g. a question's random-head seeds, counts once)."""
+    x = frame[frame.condition == a].groupby(by, sort=False)[value].mean()  # in frame order: bootstraps resample it
+    y = frame[frame.condition == b].groupby(by, sort=False)[value].mean()
+    return x.to_frame("a").join(y.to_frame("b"), how="inner")
+
+
+def mcnemar(frame: pd.DataFrame, a: str, b: str, *, by: str = "sample_id", value: str = "score") -> dict[str, float]:
+    """Exact two-sided McNemar test of conditions `a` and `b` (binomial on the discordant units).
+
+    Pairing is by the column `by`: "sample_id" pairs prompts (each prompt once: the unit when
+    every prompt is its own question), "group" pairs questions (a question's prompts, e.g. its
+    long / gold / negative inputs or random seeds under one condition key, pooled: correct when
+    its mean `value` is above 0.5). Returns the number of pairs `n`, the units only `a` /
+    only `b` got right, the p-value, and each side's accuracy over the pairs.
+    """
+    from scipy.stats import binomtest
+
+    both = paired(frame, a, b, by=by, value=value) > 0.5
+    if both.empty:
+        raise ValueError(f"no {by} has both {a!r} and {b!r}")
+    only_a = int((both.a & ~both.b).sum())
+    only_b = int((~both.a & both.b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"n": len(both), "only_a": only_a, "only_b": only_b, "p_value": float(p),
+            "em_a": float(both.a.mean()), "em_b": float(both.b.mean())}

@@ -60,6 +60,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from fdlib.core.metrics import best_subspan_em
+from fdlib.core.spans import Span, check_spans
 from fdlib.data.nq import (
     Document,
     EncodedPrompt,
@@ -75,8 +77,6 @@ from fdlib.data.nq import (
     sized,
     split_examples,
 )
-from fdlib.core.metrics import best_subspan_em
-from fdlib.core.spans import Span, check_spans
 
 # `quick` is what CI runs, `full` a study's size.
 TASK_SIZES: dict[str, int] = {"quick": 4, "paper": 20, "full": 100}
@@ -195,8 +195,8 @@ class TaskSample:
         return METRICS[self.task]
 
     def score(self, prediction: str) -> float:
-        """The task's metric for one prediction (`fdlib.data.tasks.score`)."""
-        return score(prediction, self)
+        """The task's metric for one prediction (`fdlib.data.tasks.grade`)."""
+        return grade(prediction, self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,16 +296,6 @@ class _Rendered:
     answer_prefix: str = ""  # the start of the model's answer (after the chat template's assistant header)
 
 
-_Encoded = EncodedPrompt  # text, shift (where the content starts in text), ids, offsets, format
-
-
-def _encode(tokenizer: Any, content: str, answer_prefix: str = "") -> _Encoded:
-    """The content inside the chat template (as `fdlib.data.nq.build_sample` does), then the answer
-    prefix (RULER's way: the model's turn already begins with it), tokenised; for a base model
-    BOS + the content + the answer prefix (`fdlib.data.nq.encode_prompt`)."""
-    return encode_prompt(tokenizer, content, answer_prefix)
-
-
 @dataclass(frozen=True)
 class _Filler:
     """Filler units (sentences, JSON pairs) in the order they are offered, each with a group (its
@@ -347,15 +337,16 @@ def _greedy(filler: _Filler, budget: int, slack: int) -> list[int]:
 
 def _fit(
     tokenizer: Any, filler: _Filler, render: Callable[[list[int]], _Rendered], n_tokens: int, what: str
-) -> tuple[_Rendered, _Encoded]:
+) -> tuple[_Rendered, EncodedPrompt]:
     """Choose filler units so the tokenised prompt has at most n_tokens tokens and as close as the
     units allow: aims within 1%, accepts within LENGTH_TOLERANCE, or within one unit when units
     are coarser than that (JSON pairs in a few hundred tokens). The per-unit estimates are nearly
     additive; the remaining error (merges across joins, the template) is measured and subtracted
-    from the budget."""
+    from the budget. Prompts are encoded by `fdlib.data.nq.encode_prompt`: the content in the chat
+    template (BOS + content for a base model), then the answer prefix."""
     lower = math.ceil(n_tokens * (1 - LENGTH_TOLERANCE))
     empty = render([])
-    base = _encode(tokenizer, empty.content, empty.answer_prefix)
+    base = encode_prompt(tokenizer, empty.content, empty.answer_prefix)
     if len(base.ids) > lower:
         raise ValueError(
             f"{what}: n_tokens={n_tokens} is too small: the prompt without filler already has {len(base.ids)} tokens"
@@ -363,11 +354,11 @@ def _fit(
     budget = n_tokens - len(base.ids)
     slack = max(1, n_tokens // 200)
     close = max(2, n_tokens // 100)
-    best: tuple[_Rendered, _Encoded] | None = None
+    best: tuple[_Rendered, EncodedPrompt] | None = None
     closest = len(base.ids)
     for _ in range(_MAX_FIT_ROUNDS):
         rendered = render(_greedy(filler, budget, slack))
-        enc = _encode(tokenizer, rendered.content, rendered.answer_prefix)
+        enc = encode_prompt(tokenizer, rendered.content, rendered.answer_prefix)
         n = len(enc.ids)
         if n <= n_tokens and (best is None or n > len(best[1].ids)):
             best = (rendered, enc)
@@ -383,35 +374,51 @@ def _fit(
     )
 
 
-def _token_spans(enc: _Encoded, chars: dict[str, tuple[int, int]], what: str) -> dict[str, Span]:
-    return {
-        name: char_span_to_tokens(enc.offsets, s + enc.shift, e + enc.shift, f"{what} {name}")
-        for name, (s, e) in chars.items()
-    }
+@dataclass(frozen=True)
+class _Draft:
+    """One sample before its length is fitted: the filler on offer, how a choice of its units is
+    rendered, the answers, and the info that does not depend on the choice."""
+
+    key: str | int  # the sample id's last part
+    filler: _Filler
+    render: Callable[[list[int]], _Rendered]
+    answers: Sequence[str]
+    question: str
+    info: dict[str, Any] = field(default_factory=dict)
+    # Info that needs the fitted prompt, from (sample id, rendering, encoding); added last.
+    fitted_info: Callable[[str, _Rendered, EncodedPrompt], dict[str, Any]] | None = None
 
 
-def _sample(
-    task: str, sample_id: str, enc: _Encoded, rendered: _Rendered, *, answers: Sequence[str], question: str, depth: float
-) -> TaskSample:
-    """Build a TaskSample; `rendered.chars` must name `relevant`, the rest become extra spans."""
-    spans = _token_spans(enc, rendered.chars, sample_id)
-    relevant = spans.pop("relevant")
-    return TaskSample(
-        id=sample_id,
-        task=task,
-        text=enc.text,
-        input_ids=torch.tensor(enc.ids, dtype=torch.long),
-        relevant_span=relevant,
-        answers=tuple(answers),
-        question=question,
-        depth=depth,
-        extra_spans=spans,
-        info=dict(rendered.info),
-        prompt_format=enc.prompt_format,
-    )
+def _samples(
+    task: str, tokenizer: Any, n_tokens: int, seed: int, depths: Sequence[float],
+    draft: Callable[[int, random.Random, float], _Draft],
+) -> list[TaskSample]:
+    """The loop every generator runs after `_prepare`: sample i is drafted from its own seeded
+    stream (`_rng`) and its depth, fitted to n_tokens, and its spans located. The rendering's
+    `chars` must name `relevant`; its other names become extra spans. `info` holds the draft's
+    info, then the rendering's, then `fitted_info`'s."""
+    out = []
+    for i, depth in enumerate(depths):
+        d = draft(i, _rng(task, seed, i), depth)
+        sample_id = f"{task}/{n_tokens}/s{seed}/{d.key}"
+        rendered, enc = _fit(tokenizer, d.filler, d.render, n_tokens, sample_id)
+        info = {**d.info, **rendered.info}
+        if d.fitted_info is not None:
+            info.update(d.fitted_info(sample_id, rendered, enc))
+        spans = {
+            name: char_span_to_tokens(enc.offsets, s + enc.shift, e + enc.shift, f"{sample_id} {name}")
+            for name, (s, e) in rendered.chars.items()
+        }
+        relevant = spans.pop("relevant")
+        out.append(TaskSample(
+            id=sample_id, task=task, text=enc.text, input_ids=torch.tensor(enc.ids, dtype=torch.long),
+            relevant_span=relevant, answers=tuple(d.answers), question=d.question, depth=depth,
+            extra_spans=spans, info=info, prompt_format=enc.prompt_format,
+        ))
+    return out
 
 
-def _cued(out: "_Text", info: dict[str, Any], cue: str, in_answer: bool) -> _Rendered:
+def _cued(out: _Text, info: dict[str, Any], cue: str, in_answer: bool) -> _Rendered:
     """The prompt so far, ending with the answer's cue: as the start of the model's turn (RULER's
     way, `answer_prefix`), or, HELMET's way, as the last line of the user turn."""
     if not in_answer:
@@ -496,13 +503,8 @@ def _random_keys(rng: random.Random, n: int) -> list[str]:
 
 
 def _render_haystack(
-    instruction: str,
-    filler: _Filler,
-    needles: Sequence[tuple[float, str]],
-    asked: int,
-    question: str,
-    answer_prefix: str,
-    chosen: list[int],
+    instruction: str, filler: _Filler, needles: Sequence[tuple[float, str]], asked: int, question: str,
+    answer_prefix: str, chosen: list[int],
 ) -> _Rendered:
     """Instruction, the haystack (a passage's sentences share a line; each needle is its own
     line, inserted at the sentence boundary of its depth), then the question.
@@ -511,40 +513,28 @@ def _render_haystack(
     """
     costs = [filler.costs[i] for i in chosen]
     at = sorted((_boundary(costs, d), k) for k, (d, _) in enumerate(needles))  # (boundary, needle)
-    lines: list[tuple[str, int | None]] = []  # (text, needle index or None)
-    current: list[str] = []
-    current_group: int | None = None
-    nxt = 0
-    for pos in range(len(chosen) + 1):
-        while nxt < len(at) and at[nxt][0] == pos:
-            if current:
-                lines.append((" ".join(current), None))
-                current = []
-            lines.append((needles[at[nxt][1]][1], at[nxt][1]))
-            nxt += 1
-        if pos == len(chosen):
-            break
-        i = chosen[pos]
-        if current and filler.groups[i] != current_group:
-            lines.append((" ".join(current), None))
-            current = []
-        current.append(filler.texts[i])
-        current_group = filler.groups[i]
-    if current:
-        lines.append((" ".join(current), None))
+    lines: list[tuple[int | None, list[str]]] = []  # (needle index or None, the line's parts)
+    for pos, i in enumerate(chosen):
+        lines += [(k, [needles[k][1]]) for b, k in at if b == pos]
+        # A sentence continues the line before when that line holds its passage's previous sentence.
+        if lines and lines[-1][0] is None and filler.groups[chosen[pos - 1]] == filler.groups[i]:
+            lines[-1][1].append(filler.texts[i])
+        else:
+            lines.append((None, [filler.texts[i]]))
+    lines += [(k, [needles[k][1]]) for b, k in at if b == len(chosen)]
     out = _Text()
     out.add(instruction + "\n\n")
-    order = 0
-    for j, (line, needle) in enumerate(lines):
-        if needle is not None:
-            out.add(line, f"needle{order}")
-            if needle == asked:
-                out.chars["relevant"] = out.chars[f"needle{order}"]
-            order += 1
-        else:
-            out.add(line)
-        if j < len(lines) - 1:
+    names = (f"needle{j}" for j in range(len(needles)))
+    for j, (needle, parts) in enumerate(lines):
+        if j:
             out.add("\n")
+        if needle is None:
+            out.add(" ".join(parts))
+            continue
+        name = next(names)
+        out.add(parts[0], name)
+        if needle == asked:
+            out.chars["relevant"] = out.chars[name]
     out.add("\n\n")
     out.add(f"Question: {question}", "question")
     out.add("\nAnswer:")
@@ -552,50 +542,33 @@ def _render_haystack(
 
 
 def _needle_samples(
-    task: str,
-    tokenizer_or_model: Any,
-    *,
-    n_tokens: int,
-    size: str | int,
-    depth: float | None,
-    seed: int,
-    n_keys: int,
-    max_context: int | None,
-    answer_prefix: bool,
+    task: str, tokenizer_or_model: Any, n_tokens: int, size: str | int, depth: float | None, seed: int, n_keys: int,
+    max_context: int | None, answer_prefix: bool,
 ) -> list[TaskSample]:
     tokenizer, depths = _prepare(task, tokenizer_or_model, n_tokens, size, depth, seed, max_context)
     passages = _passages(load_nq())
     instruction = _NIAH_INSTRUCTION if n_keys == 1 else _MULTIKEY_INSTRUCTION
-    out = []
-    for i in range(len(depths)):
-        rng = _rng(task, seed, i)
+
+    def draft(i: int, rng: random.Random, depth: float) -> _Draft:
         keys = _random_keys(rng, n_keys)
         values = [str(rng.randrange(1_000_000, 10_000_000)) for _ in keys]
         asked = rng.randrange(n_keys)
         # The asked needle at the sample's depth, the others anywhere.
-        needle_depths = [depths[i] if k == asked else rng.random() for k in range(n_keys)]
+        needle_depths = [depth if k == asked else rng.random() for k in range(n_keys)]
         needles = [(d, _NEEDLE.format(key=k, value=v)) for d, k, v in zip(needle_depths, keys, values)]
         question = _NIAH_QUESTION.format(key=keys[asked])
         filler = _haystack_filler(tokenizer, passages, rng, n_tokens)
-        sample_id = f"{task}/{n_tokens}/s{seed}/{i}"
-
         prefix = _NIAH_ANSWER_PREFIX.format(key=keys[asked]) if answer_prefix else ""
         render = partial(_render_haystack, instruction, filler, needles, asked, question, prefix)
-        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
-        rendered.info.update(keys=tuple(keys), values=tuple(values), asked=asked)
-        out.append(_sample(task, sample_id, enc, rendered, answers=[values[asked]], question=question, depth=depths[i]))
-    return out
+        info = {"keys": tuple(keys), "values": tuple(values), "asked": asked}
+        return _Draft(i, filler, render, [values[asked]], question, info)
+
+    return _samples(task, tokenizer, n_tokens, seed, depths, draft)
 
 
 def needle_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    max_context: int | None = None,
-    answer_prefix: bool = True,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    max_context: int | None = None, answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """Single-key needle in a haystack of NQ passages; the answer is the needle's 7-digit number.
 
@@ -605,32 +578,19 @@ def needle_task(
     "The special magic number for <key> mentioned in the provided text is", so the model's first
     tokens are the number (a small model otherwise tends to repeat the question first).
     """
-    return _needle_samples(
-        "niah", tokenizer, n_tokens=n_tokens, size=size, depth=depth, seed=seed, n_keys=1, max_context=max_context,
-        answer_prefix=answer_prefix,
-    )
+    return _needle_samples("niah", tokenizer, n_tokens, size, depth, seed, 1, max_context, answer_prefix)
 
 
 def multikey_needle_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    n_keys: int = 4,
-    max_context: int | None = None,
-    answer_prefix: bool = True,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    n_keys: int = 4, max_context: int | None = None, answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """`n_keys` needles with different keys; one is asked (at `depth`), the others at random
     depths. Extra spans `needle0`.. cover every needle in text order; `info["asked"]` is the
     asked key's index in `info["keys"]`. `answer_prefix` as in `needle_task`."""
     if isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < 2:
         raise ValueError(f"n_keys must be an int >= 2 for the multi-key task, got {n_keys!r}")
-    return _needle_samples(
-        "niah_multikey", tokenizer, n_tokens=n_tokens, size=size, depth=depth, seed=seed, n_keys=n_keys,
-        max_context=max_context, answer_prefix=answer_prefix,
-    )
+    return _needle_samples("niah_multikey", tokenizer, n_tokens, size, depth, seed, n_keys, max_context, answer_prefix)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -656,14 +616,8 @@ def _render_json(
 
 
 def json_kv_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    max_context: int | None = None,
-    answer_prefix: bool = True,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    max_context: int | None = None, answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """A JSON object of random UUID keys and values, one pair per line; the value of one key is
     asked. The relevant span is exactly the text `"key": "value"` of the asked pair.
@@ -675,21 +629,18 @@ def json_kv_task(
     not end on a token boundary.
     """
     tokenizer, depths = _prepare("json_kv", tokenizer, n_tokens, size, depth, seed, max_context)
-    out = []
-    for i in range(len(depths)):
-        rng = _rng("json_kv", seed, i)
+
+    def draft(i: int, rng: random.Random, depth: float) -> _Draft:
         key, value = _uuid(rng), _uuid(rng)
         target = json.dumps(key) + ": " + json.dumps(value)
         # Any tokenizer spends >= 1 token per 6 characters of a UUID pair: enough pairs to fill.
         pairs = [json.dumps(_uuid(rng)) + ": " + json.dumps(_uuid(rng)) for _ in range(n_tokens // 12 + 8)]
         filler = _make_filler(tokenizer, list(range(len(pairs))), pairs, [p + " ," for p in pairs])
         question = f'Key: "{key}"'
+        render = partial(_render_json, filler, target, key, question, answer_prefix, depth)
+        return _Draft(i, filler, render, [value], question)
 
-        render = partial(_render_json, filler, target, key, question, answer_prefix, depths[i])
-        sample_id = f"json_kv/{n_tokens}/s{seed}/{i}"
-        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
-        out.append(_sample("json_kv", sample_id, enc, rendered, answers=[value], question=question, depth=depths[i]))
-    return out
+    return _samples("json_kv", tokenizer, n_tokens, seed, depths, draft)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,19 +674,23 @@ def _distractor_filler(
     return _make_filler(tokenizer, groups, texts, costed), docs
 
 
-def _chosen_docs(filler: _Filler, chosen: list[int], docs: Sequence[Document]) -> tuple[list[Document], list[int]]:
-    """The distractors shown (each a prefix of its sentences), in rank order, and their costs."""
+def _with_gold(
+    filler: _Filler, chosen: list[int], docs: Sequence[Document], gold: Document, depth: float
+) -> tuple[list[Document], list[int], int]:
+    """The distractors shown (each a prefix of its sentences), in rank order, with the gold
+    document at the document boundary nearest `depth`: the documents, each one's index in `docs`
+    (`len(docs)` for the gold one), and the gold one's position."""
     by_group: dict[int, list[int]] = {}
     for i in chosen:
         by_group.setdefault(filler.groups[i], []).append(i)
     shown = [Document(docs[g].title, " ".join(filler.texts[i] for i in units)) for g, units in by_group.items()]
-    return shown, [sum(filler.costs[i] for i in units) for units in by_group.values()]
+    at = _boundary([sum(filler.costs[i] for i in units) for units in by_group.values()], depth)
+    groups = list(by_group)
+    return shown[:at] + [gold] + shown[at:], groups[:at] + [len(docs)] + groups[at:], at
 
 
 def _render_rag(filler: _Filler, docs: list[Document], example: NQExample, depth: float, chosen: list[int]) -> _Rendered:
-    shown, costs = _chosen_docs(filler, chosen, docs)
-    gold = _boundary(costs, depth)
-    documents = shown[:gold] + [example.gold] + shown[gold:]
+    documents, _, gold = _with_gold(filler, chosen, docs, example.gold, depth)
     content, doc_chars, q_chars = render_prompt(example.question, documents)
     chars = {f"doc{k}": c for k, c in enumerate(doc_chars)}
     chars["relevant"] = doc_chars[gold]
@@ -744,15 +699,8 @@ def _render_rag(filler: _Filler, docs: list[Document], example: NQExample, depth
 
 
 def rag_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    split: str = "test",
-    builder: NQBuilder | None = None,
-    max_context: int | None = None,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    split: str = "test", builder: NQBuilder | None = None, max_context: int | None = None,
 ) -> list[TaskSample]:
     """NQ multi-document QA (the study's prompt) with as many BM25 distractors as fit n_tokens.
 
@@ -763,32 +711,36 @@ def rag_task(
     """
     tokenizer, depths = _prepare("rag_nq", tokenizer, n_tokens, size, depth, seed, max_context)
     builder = builder if builder is not None else NQBuilder(tokenizer)
-    out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths))):
-        filler, docs = _distractor_filler(tokenizer, builder, example, n_tokens, lambda d: f"Document [10](Title: {d.title}) ")
+    questions = _nq_questions(builder, split, seed, len(depths))
 
-        render = partial(_render_rag, filler, docs, example, depths[i])
-        sample_id = f"rag_nq/{n_tokens}/s{seed}/{example.id}"
-        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
-        documents, gold = rendered.info["documents"], rendered.info["gold_index"]
-        qa = build_sample(tokenizer, example, documents, gold, "long", sample_id)
-        if qa.input_ids.tolist() != enc.ids:  # the same prompt, tokenised the same way
-            raise ValueError(f"{sample_id}: the QASample's tokens differ from the task prompt's")
-        rendered.info["qa_sample"] = qa
-        out.append(_sample("rag_nq", sample_id, enc, rendered, answers=example.answers, question=example.question,
-                           depth=depths[i]))
-    return out
+    def draft(i: int, rng: random.Random, depth: float) -> _Draft:
+        example = questions[i]
+        filler, docs = _distractor_filler(
+            tokenizer, builder, example, n_tokens, lambda d: f"Document [10](Title: {d.title}) "
+        )
+        render = partial(_render_rag, filler, docs, example, depth)
+        return _Draft(example.id, filler, render, example.answers, example.question,
+                      fitted_info=partial(_qa_sample, tokenizer, example))
+
+    return _samples("rag_nq", tokenizer, n_tokens, seed, depths, draft)
+
+
+def _qa_sample(
+    tokenizer: Any, example: NQExample, sample_id: str, rendered: _Rendered, enc: EncodedPrompt
+) -> dict[str, Any]:
+    """`info["qa_sample"]`: a RAG prompt as the study's `QASample`, checked to be the same tokens."""
+    qa = build_sample(tokenizer, example, rendered.info["documents"], rendered.info["gold_index"], "long", sample_id)
+    if qa.input_ids.tolist() != enc.ids:  # the same prompt, tokenised the same way
+        raise ValueError(f"{sample_id}: the QASample's tokens differ from the task prompt's")
+    return {"qa_sample": qa}
 
 
 def _render_rerank(
     filler: _Filler, docs: list[Document], ids: list[str], example: NQExample, cue_in_answer: bool, depth: float,
     chosen: list[int],
 ) -> _Rendered:
-    shown, costs = _chosen_docs(filler, chosen, docs)
-    shown_ids = [ids[g] for g in dict.fromkeys(filler.groups[j] for j in chosen)]  # same order as shown
-    gold = _boundary(costs, depth)
-    documents = shown[:gold] + [example.gold] + shown[gold:]
-    doc_ids = shown_ids[:gold] + [ids[-1]] + shown_ids[gold:]
+    documents, groups, gold = _with_gold(filler, chosen, docs, example.gold, depth)
+    doc_ids = [ids[g] for g in groups]  # the gold document's ID is the last
     out = _Text()
     out.add(_RERANK_INSTRUCTION + "\n\n")
     for k, (doc_id, doc) in enumerate(zip(doc_ids, documents)):
@@ -803,16 +755,8 @@ def _render_rerank(
 
 
 def rerank_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    split: str = "test",
-    builder: NQBuilder | None = None,
-    max_context: int | None = None,
-    answer_prefix: bool = True,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    split: str = "test", builder: NQBuilder | None = None, max_context: int | None = None, answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """Re-ranking (HELMET's MS MARCO format, on NQ): the gold passage among BM25 distractors, each
     line `[ID: 12345] Document (Title: ...): ...`; the model writes `Ranking: ID > ID > ...`.
@@ -825,19 +769,19 @@ def rerank_task(
     """
     tokenizer, depths = _prepare("rerank_nq", tokenizer, n_tokens, size, depth, seed, max_context)
     builder = builder if builder is not None else NQBuilder(tokenizer)
-    out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths))):
-        rng = _rng("rerank_nq", seed, i)
+    questions = _nq_questions(builder, split, seed, len(depths))
+
+    def draft(i: int, rng: random.Random, depth: float) -> _Draft:
+        example = questions[i]
         filler, docs = _distractor_filler(
             tokenizer, builder, example, n_tokens, lambda d: f"[ID: 12345] Document (Title: {d.title}): "
         )
         # One fixed ID per document (the gold one last), so IDs do not move while fitting.
         ids = [str(x) for x in rng.sample(range(10_000, 100_000), len(docs) + 1)]
-        render = partial(_render_rerank, filler, docs, ids, example, answer_prefix, depths[i])
-        sample_id = f"rerank_nq/{n_tokens}/s{seed}/{example.id}"
-        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
-        out.append(_sample("rerank_nq", sample_id, enc, rendered, answers=[ids[-1]], question=example.question, depth=depths[i]))
-    return out
+        render = partial(_render_rerank, filler, docs, ids, example, answer_prefix, depth)
+        return _Draft(example.id, filler, render, [ids[-1]], example.question)
+
+    return _samples("rerank_nq", tokenizer, n_tokens, seed, depths, draft)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,8 +803,7 @@ def _demo(question: str, label: int) -> str:
 
 
 def _render_icl(
-    filler: _Filler, target: str, question: str, cue_in_answer: bool, info: dict[str, Any], depth: float,
-    chosen: list[int],
+    filler: _Filler, target: str, question: str, cue_in_answer: bool, depth: float, chosen: list[int]
 ) -> _Rendered:
     demos, at = _at_depth(filler, chosen, target, depth)
     out = _Text()
@@ -869,20 +812,12 @@ def _render_icl(
         out.add(demo, "relevant" if j == at else None)
         out.add("\n\n")
     out.add(f"Question: {question}", "question")
-    return _cued(out, {**info, "n_shots": len(demos), "relevant_index": at}, _ICL_ANSWER_PREFIX, cue_in_answer)
+    return _cued(out, {"n_shots": len(demos), "relevant_index": at}, _ICL_ANSWER_PREFIX, cue_in_answer)
 
 
 def icl_task(
-    tokenizer: Any,
-    *,
-    n_tokens: int,
-    size: str | int = "quick",
-    depth: float | None = None,
-    seed: int = 0,
-    split: str = "test",
-    builder: NQBuilder | None = None,
-    max_context: int | None = None,
-    answer_prefix: bool = True,
+    tokenizer: Any, *, n_tokens: int, size: str | int = "quick", depth: float | None = None, seed: int = 0,
+    split: str = "test", builder: NQBuilder | None = None, max_context: int | None = None, answer_prefix: bool = True,
 ) -> list[TaskSample]:
     """Many-shot in-context classification: as many labelled demonstrations as fit
     (`Question: ...` / `Label: 37`), then an unlabelled question from the `split`.
@@ -901,9 +836,10 @@ def icl_task(
     names = [name for name, _ in ICL_CLASSES]
     kind = {e.id: answer_type(e.question) for e in builder.examples}  # one regex pass for all samples
     of_kind = {name: [e for e in builder.examples if kind[e.id] == name] for name in names}
-    out = []
-    for i, example in enumerate(_nq_questions(builder, split, seed, len(depths), keep=lambda e: kind[e.id] is not None)):
-        rng = _rng("icl_nq", seed, i)
+    questions = _nq_questions(builder, split, seed, len(depths), keep=lambda e: kind[e.id] is not None)
+
+    def draft(i: int, rng: random.Random, depth: float) -> _Draft:
+        example = questions[i]
         labels = dict(zip(names, rng.sample(range(10, 100), len(names))))
         asked = kind[example.id]
         by_class = {name: [e for e in of_kind[name] if e.id != example.id] for name in names}
@@ -923,13 +859,11 @@ def icl_task(
                 break
         filler = _make_filler(tokenizer, list(range(len(demos))), demos, [d + "\n\n" for d in demos])
         target = _demo(nearest.question, labels[asked])
+        render = partial(_render_icl, filler, target, example.question, answer_prefix, depth)
         info = {"labels": labels, "class": asked, "nearest": nearest.id}
-        render = partial(_render_icl, filler, target, example.question, answer_prefix, info, depths[i])
-        sample_id = f"icl_nq/{n_tokens}/s{seed}/{example.id}"
-        rendered, enc = _fit(tokenizer, filler, render, n_tokens, sample_id)
-        out.append(_sample("icl_nq", sample_id, enc, rendered, answers=[str(labels[asked])],
-                           question=example.question, depth=depths[i]))
-    return out
+        return _Draft(example.id, filler, render, [str(labels[asked])], example.question, info)
+
+    return _samples("icl_nq", tokenizer, n_tokens, seed, depths, draft)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,7 +928,7 @@ def task_samples(
     return TASKS[name](tokenizer, n_tokens=n_tokens, size=size, seed=seed, **kwargs)
 
 
-def score(prediction: str, sample: TaskSample) -> float:
+def grade(prediction: str, sample: TaskSample) -> float:
     """The task's metric for one prediction (1.0 for the gold answer, 0.0 for a wrong one)."""
     if sample.task not in SCORERS:
         raise ValueError(f"no scorer for task {sample.task!r}: expected one of {sorted(SCORERS)}")

@@ -12,7 +12,7 @@ Methods, each a family of `Condition`s on the top-k contextual heads:
 
 Each method's setting is chosen on train-split questions (`choose`), never on the test questions
 it is scored on; on the test questions each chosen setting runs beside its random-head control
-(the same method and k on k random heads) and the baseline (`comparison_table`, `mcnemar_table`).
+(the same method and k on k random heads) and the baseline (`comparison_table`, with `fdlib.core.metrics.mcnemar` paired by prompt).
 `chosen_alphas` says what the automatic alphas chose; `bias_shares` measures the position prior
 of a directions set.
 """
@@ -20,7 +20,6 @@ of a directions set.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -29,10 +28,10 @@ import pandas as pd
 import torch
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.study.conditions import AUTO, RANDOM, Condition
-from fdlib.interventions.directions import FocusDirections, key_bias
-from fdlib.core.metrics import bootstrap_ci
 from fdlib.core.heads import Head
+from fdlib.core.metrics import bootstrap_ci, mcnemar, paired
+from fdlib.interventions.directions import FocusDirections, key_bias
+from fdlib.study.conditions import AUTO, RANDOM, Condition
 
 POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
 QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper": {"train": 50, "test": 200},
@@ -142,26 +141,6 @@ def scored_conditions(best: Mapping[str, Condition], seeds: Sequence[int] = (0,)
     return list(dict.fromkeys(out))
 
 
-def _paired(frame: pd.DataFrame, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
-    x = frame[frame.condition == a].set_index("sample_id")["score"]
-    y = frame[frame.condition == b].set_index("sample_id")["score"]
-    both = x.to_frame("a").join(y.to_frame("b"), how="inner")
-    return both["a"].to_numpy(dtype=float), both["b"].to_numpy(dtype=float)
-
-
-def mcnemar(frame: pd.DataFrame, a: str, b: str) -> dict[str, float]:
-    """Exact McNemar test (binomial on the discordant samples) of two conditions' EM, paired by
-    sample (question and gold position)."""
-    from scipy.stats import binomtest
-
-    x, y = _paired(frame, a, b)
-    if x.size == 0:
-        raise ValueError(f"no sample has both {a!r} and {b!r}")
-    only_a, only_b = int(((x > 0) & (y == 0)).sum()), int(((x == 0) & (y > 0)).sum())
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"n": int(x.size), "only_a": only_a, "only_b": only_b, "p_value": float(p)}
-
-
 def comparison_table(
     frame: pd.DataFrame, best: Mapping[str, Condition], ms: Sequence[Method], heads: Sequence[Head], *,
     level: float = 0.95,
@@ -188,7 +167,8 @@ def comparison_table(
         if g.empty:
             continue
         em, lo, hi = bootstrap_ci(g["score"].to_numpy(dtype=float), level=level)
-        x, y = _paired(frame, c.key, base)
+        pair = paired(frame, c.key, base)
+        x, y = pair.a.to_numpy(dtype=float), pair.b.to_numpy(dtype=float)
         gain, glo, ghi = bootstrap_ci(x - y, level=level) if x.size else (np.nan,) * 3
         test = mcnemar(frame, c.key, base) if c.key != base else {"p_value": np.nan, "only_a": 0, "only_b": 0}
         rows.append({"method": name, "family": fam, "setting": c.label, "condition": c.key, "em": em, "lo": lo, "hi": hi,

@@ -1,6 +1,7 @@
 """Contextual-head studies: the same questions scored as a long input and as a gold-only input
 (the paper's Table 1 and the head ranking every later study intervenes on), and the paper's
-Table 3 (the four kinds of score without and with focus directions), each one `run_study`.
+Table 3 (the four kinds of score without and with focus directions): their conditions for
+`fdlib.study.runner.run_study` and the tables read from its frames.
 """
 
 from __future__ import annotations
@@ -14,63 +15,51 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.study.conditions import Condition
-from fdlib.data.nq import NQBuilder, QASample
-from fdlib.interventions.directions import FocusDirections
-from fdlib.study.scores import SampleScores, em_summary, frame_scores, head_table, mean_scores, top_heads
+from fdlib.core.heads import Head
 from fdlib.core.store import Store, open_store
+from fdlib.data.nq import NQBuilder, QASample
+from fdlib.study.conditions import Condition
 from fdlib.study.runner import run_study
+from fdlib.study.scores import SampleScores, em_summary, frame_scores, head_table, mean_scores, top_heads
 
 
-def score_dataset(
-    model: TransformerBridge,
-    samples: Sequence[QASample],
-    *,
-    store: str | Path | Store | None = None,
-    max_new_tokens: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> list[SampleScores]:
-    """Score every sample (its greedy answer, no intervention): `fdlib.study.runner.run_study` with the
-    baseline of each input variant, so stored rows are reused and a crash loses at most one
-    sample. The samples of another shard, or missing from a read-only store, are left out."""
-    conditions = [Condition.baseline(v) for v in dict.fromkeys(s.variant for s in samples)]
-    frame = run_study(model, samples, conditions, store=store, max_new_tokens=max_new_tokens, progress=progress,
-                      desc="scoring samples", shard=shard)
+def scored(model: TransformerBridge, frame: pd.DataFrame, samples: Sequence[QASample],
+           condition: str | None = None) -> list[SampleScores]:
+    """`frame_scores` of the samples the frame holds (those of this shard, or of a read-only
+    store's rows), in the order of `samples`."""
     held = set(frame["sample_id"]) if not frame.empty else set()
-    return frame_scores(model, frame, [s for s in samples if s.id in held])
+    return frame_scores(model, frame, [s for s in samples if s.id in held], condition)
+
+
+def table3_conditions(samples: Sequence[QASample], alpha: float, heads: Sequence[Head]) -> list[Condition]:
+    """The paper's Table 3 runs: per input variant of `samples`, the baseline and focus directions
+    (the set named "focus") at `alpha` on `heads`, answer rows."""
+    variants = dict.fromkeys(s.variant for s in samples)
+    return [c for v in variants for c in (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v))]
 
 
 def focus_table(
     model: TransformerBridge,
+    frame: pd.DataFrame,
     samples: Sequence[QASample],
-    directions: FocusDirections,
-    heads: Sequence[tuple[int, int]],
     alpha: float,
+    heads: Sequence[Head],
     *,
-    report: Sequence[tuple[int, int]] | None = None,
-    store: str | Path | Store | None = None,
-    max_new_tokens: int = 32,
+    report: Sequence[Head] | None = None,
     level: float = 0.95,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
 ) -> pd.DataFrame:
-    """The paper's Table 3: R, IR, IR-max and Sink of the `report` heads (default: `heads`)
-    without and with directions on `heads` at `alpha` (answer rows), per input variant of
-    `samples` (long and gold-only cases), with bootstrap CIs and EM: one `run_study`."""
+    """The paper's Table 3 from the frame of `table3_conditions`: R, IR, IR-max and Sink of the
+    `report` heads (default: `heads`) without and with the directions, per input variant of
+    `samples` (long and gold-only cases), with bootstrap CIs, EM and n."""
     report = list(report) if report is not None else list(heads)
-    variants = list(dict.fromkeys(s.variant for s in samples))
-    pairs = {v: (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)) for v in variants}
-    frame = run_study(model, samples, [c for pair in pairs.values() for c in pair], directions={"focus": directions},
-                      store=store, max_new_tokens=max_new_tokens, progress=progress, desc="focus table", shard=shard)
     parts = []
-    held = set(frame["sample_id"]) if not frame.empty else set()  # this shard's, or a results file's
-    for v, (plain, steered) in pairs.items():
-        these = [s for s in samples if s.variant == v and s.id in held]
-        if not these:
-            continue
+    for v in dict.fromkeys(s.variant for s in samples):
+        these = [s for s in samples if s.variant == v]
+        plain, steered = Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)
         for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
-            results = frame_scores(model, frame, these, c.key)
+            results = scored(model, frame, these, c.key)
+            if not results:
+                continue
             t = head_table(results, report, level=level).reset_index()
             t.insert(1, "EM", sum(r.em for r in results) / len(results))
             t.insert(1, "n", len(results))
@@ -145,7 +134,6 @@ def contextual_study(
     long = builder.samples(n_docs=n_docs, gold_position=gold_position, **kw)
     gold = builder.samples(variant="gold", **kw)
     with open_store(store) as db:
-        kw = dict(store=db, max_new_tokens=max_new_tokens, shard=shard, progress=progress)
-        long_scores = score_dataset(model, long, **kw)
-        gold_scores = score_dataset(model, gold, **kw)
-    return ContextualStudy(long_scores, gold_scores, n_docs)
+        kw = dict(store=db, max_new_tokens=max_new_tokens, shard=shard, progress=progress, desc="scoring samples")
+        frames = [run_study(model, samples, [Condition.baseline(samples[0].variant)], **kw) for samples in (long, gold)]
+    return ContextualStudy(scored(model, frames[0], long), scored(model, frames[1], gold), n_docs)

@@ -1,4 +1,4 @@
-"""Long-context studies (issue 7): focus directions on HELMET-style tasks (the paper's Table 2),
+"""Long-context studies: focus directions on HELMET-style tasks (the paper's Table 2),
 the spread of the contextual heads' sink scores across tasks (its Tables 12-13), lost in the
 middle, and retrieval heads (Wu et al., 2024) against contextual heads (its Figure 9).
 
@@ -7,7 +7,9 @@ One runner, `fdlib.study.runner.run_study`, serves all of them: per sample one p
 that shared KV cache, in batches of rows. The interventions touch the answer rows only (from the last prompt row on),
 unless a condition asks for `rows="all"`, which prefills the prompt again under the hooks. Each
 sample's rows go to the SQLite store in one transaction, so a rerun skips what is stored. Tables
-are built from the store (`study_frame`); figures from the tables (`fdlib.views.plots`).
+are built from its frame; figures from the tables (`fdlib.views.plots`). This module gives each
+study its samples (`task_suite`, `position_samples`, `boost_samples`) and conditions
+(`task_conditions`, `lost_conditions`, `boost_ablate_conditions`), and reads the frames.
 
 Lengths: a study length L is the whole budget, prompt + answer. Prompts get
 `L - max_new_tokens` tokens (so 8192 fits an 8192-token window with a 32-token answer), and a
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -27,18 +28,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.study.conditions import RANDOM, Condition, Rows
-from fdlib.data.nq import NQBuilder, sized
-from fdlib.interventions.directions import FocusDirections
-from fdlib.core.metrics import bootstrap_ci
 from fdlib.core.heads import Head
-from fdlib.core.store import Store
-from fdlib.study.runner import (
-    StudySample,
-    run_study,
-    study_frame  # noqa: F401  (study_frame: the reader of these stores,
-)
+from fdlib.core.metrics import bootstrap_ci
+from fdlib.data.nq import NQBuilder, sized
 from fdlib.data.tasks import NQ_TASKS, TASKS, task_samples
+from fdlib.study.conditions import RANDOM, Condition, Rows
+from fdlib.study.runner import StudySample
 
 Size = Literal["quick", "paper", "full"]
 
@@ -173,57 +168,9 @@ def head_mean(arrays: pd.Series, heads: Sequence[Head]) -> Float[np.ndarray, " r
 # Studies
 
 
-def task_study(
-    model: TransformerBridge,
-    samples: Sequence[StudySample],
-    *,
-    ranked_heads: Sequence[Head],
-    directions: FocusDirections,
-    store: str | Path | Store | None = None,
-    alphas: Sequence[float] = ALPHAS,
-    ks: Sequence[int] = KS,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Table 2's runs: every task sample without intervention and with focus directions at alpha
-    x k on the top-k contextual heads (answer rows). Returns `study_frame` of those runs."""
-    return run_study(model, samples, task_conditions(alphas, ks), heads={"contextual": ranked_heads},
-                     directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="task study", shard=shard)
-
-
 def lost_conditions(*, tau: float = 0.1, alpha: float = 0.5, k: int = 5) -> list[Condition]:
     """No intervention; split-softmax on the gold document; focus directions (contextual top-k)."""
     return [BASELINE, Condition.split(tau, "contextual", k), Condition.focus(alpha, "focus", "contextual", k)]
-
-
-def lost_in_the_middle(
-    model: TransformerBridge,
-    *,
-    ranked_heads: Sequence[Head],
-    directions: FocusDirections,
-    store: str | Path | Store | None = None,
-    positions: Sequence[int] = POSITIONS,
-    size: Size | int = "quick",
-    n_docs: int = 20,
-    split: str = "test",
-    tau: float = 0.1,
-    alpha: float = 0.5,
-    k: int = 5,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> pd.DataFrame:
-    """EM on NQ with the gold document at each position, without intervention, with
-    split-softmax (tau, top-k contextual heads) and with focus directions (alpha, top-k).
-    Each position's prompt has its own sample id, so one store holds every position."""
-    samples = position_samples(model, positions=positions, size=size, n_docs=n_docs, split=split)
-    return run_study(model, samples, lost_conditions(tau=tau, alpha=alpha, k=k), heads={"contextual": ranked_heads},
-                     directions={"focus": directions}, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="lost in the middle", shard=shard)
 
 
 def boost_ablate_conditions(
@@ -239,30 +186,13 @@ def boost_ablate_conditions(
     return out
 
 
-def boost_ablate(
-    model: TransformerBridge,
-    *,
-    head_sets: Mapping[str, Sequence[Head]],
-    store: str | Path | Store | None = None,
-    size: Size | int = "quick",
-    n_docs: int = 20,
-    split: str = "test",
-    k: int = 20,
-    tau: float = 0.1,
-    rows: Rows = "response",
-    random_seeds: Sequence[int] = (0,),
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    batch_size: int = 32,
-    shard: tuple[int, int] = (0, 1),
-    progress: bool = True,
-) -> pd.DataFrame:
-    """NQ EM (n_docs documents, gold in the middle) when each head set's top-k (and k random
-    heads per seed) is boosted (split-softmax on the gold document, answer rows) or ablated."""
-    samples = position_samples(model, positions=[(n_docs + 1) // 2], size=sized(BOOST_QUESTIONS, size),
-                               n_docs=n_docs, split=split)
-    conditions = boost_ablate_conditions(list(head_sets), k=k, tau=tau, rows=rows, random_seeds=random_seeds)
-    return run_study(model, samples, conditions, heads=head_sets, store=store, max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=progress, desc="boost / ablate", shard=shard)
+def boost_samples(
+    model: TransformerBridge, *, size: Size | int = "quick", n_docs: int = 20, split: str = "test"
+) -> list[StudySample]:
+    """The boost / ablate study's NQ prompts: `BOOST_QUESTIONS[size]` questions (or `size` when an
+    int) with the gold document in the middle of `n_docs` (alone for `n_docs=1`)."""
+    return position_samples(model, positions=[(n_docs + 1) // 2], size=sized(BOOST_QUESTIONS, size), n_docs=n_docs,
+                            split=split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +340,7 @@ def _check_labels(frame: pd.DataFrame) -> None:
 def _require(frame: pd.DataFrame, columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise ValueError(f"the frame lacks columns {missing}; build it with fdlib.experiments.longctx.study_frame")
+        raise ValueError(f"the frame lacks columns {missing}; build it with fdlib.study.runner.run_study or study_frame")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.core.metrics import normalize_answer
+from fdlib.core.spans import Span
 from fdlib.model.arch import check_supported
 from fdlib.model.decoding import _as_ids, decode, prefill
-from fdlib.core.metrics import normalize_answer
 from fdlib.study.scores import top_heads
-from fdlib.core.spans import Span
 
 ROUGE_THRESHOLD = 0.5  # Wu et al. keep a sample when the answer's ROUGE-1 recall is above 50%
 

@@ -7,24 +7,20 @@ condition decoded from that shared cache in batches; one transaction per questio
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.study.conditions import Condition, Rows, baselines
-from fdlib.study.conditions import focus_grid as _focus_grid
-from fdlib.study.conditions import reweight_grid
-from fdlib.data.nq import NQBuilder, QASample, Size
-from fdlib.model.decoding import prefill
-from fdlib.interventions.directions import FocusDirections
-from fdlib.interventions.engine import RowIntervention, decode_batch
-from fdlib.core.metrics import best_subspan_em, bootstrap_ci
 from fdlib.core.heads import Head
-from fdlib.core.store import Store, merge_stores  # noqa: F401  (the shard merge, for the CLI's users
-from fdlib.study.runner import StudySample, row_intervention, run_study, study_frame
+from fdlib.core.metrics import best_subspan_em, bootstrap_ci
+from fdlib.data.nq import NQBuilder, QASample, Size
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import decode_batch
+from fdlib.interventions.row import RowIntervention
+from fdlib.model.decoding import prefill
+from fdlib.study.conditions import Condition, Rows, baselines, focus_conditions, reweight_conditions
 
 # The paper's grid; `quick` is a handful of configurations CI can run.
 GRIDS: dict[str, dict] = {
@@ -50,7 +46,7 @@ def split_grid(
     seeds = g["seeds"] if seeds is None else seeds
     if n_total_heads is not None:
         ks = sorted({k for k in ks if k <= n_total_heads} | ({n_total_heads} if size in ("full", "paper") else set()))
-    return baselines() + reweight_grid(taus, ks, seeds=seeds, n_total_heads=n_total_heads)
+    return baselines() + reweight_conditions(taus, ks, seeds=seeds, n_total_heads=n_total_heads)
 
 
 # The paper's alpha x k study (alpha = 0 is the long baseline: the identity).
@@ -75,7 +71,7 @@ def focus_grid(
     """(Baselines +) alpha x k x (contextual, random per seed) for one named directions set.
     `random_alphas` restricts the random-head controls to some alphas (default: all)."""
     g = FOCUS_GRIDS[size] if isinstance(size, str) else FOCUS_GRIDS["quick"]
-    grid = _focus_grid(g["alphas"] if alphas is None else alphas, g["ks"] if ks is None else ks,
+    grid = focus_conditions(g["alphas"] if alphas is None else alphas, g["ks"] if ks is None else ks,
                        directions=directions, seeds=g["seeds"] if seeds is None else seeds,
                        random_alphas=random_alphas, rows=rows)
     return (baselines() if with_baselines else []) + grid
@@ -116,39 +112,11 @@ def question_inputs(
     return [QuestionInputs(*t) for t in zip(long, gold, neg, strict=True)]
 
 
-def run_sweep(
-    model: TransformerBridge,
-    questions: Sequence[QuestionInputs],
-    configs: Sequence[Condition],
-    *,
-    ranked_heads: Sequence[Head],
-    store: str | Path | Store,
-    shard: tuple[int, int] = (0, 1),
-    max_new_tokens: int = 32,
-    progress: bool = True,
-    directions: Mapping[str, FocusDirections] | None = None,
-    batch_size: int = 32,
-    engine: str = "batched",
-) -> pd.DataFrame:
-    """Every condition on every question of this shard (`run_study` with the contextual ranking
-    as "contextual"); returns `sweep_frame` of those rows."""
-    wanted = {c.input for c in configs}
-    samples = [s for q in questions for s in q.samples() if s.variant in wanted]
-    frame = run_study(model, samples, configs, heads={"contextual": ranked_heads}, store=store, shard=shard,
-                      directions=directions, max_new_tokens=max_new_tokens, progress=progress, batch_size=batch_size,
-                      engine=engine, desc=f"sweep shard {shard[0]}/{shard[1]}")
-    return _with_questions(frame)
-
-
-def _with_questions(frame: pd.DataFrame) -> pd.DataFrame:
-    if not frame.empty:
-        frame = frame.assign(question=frame["group"])
-    return frame
-
-
-def sweep_frame(store: str | Path | Store, configs: Sequence[Condition] | None = None) -> pd.DataFrame:
-    """One row per (question variant, condition): `study_frame` with a `question` column."""
-    return _with_questions(study_frame(store, configs))
+def sweep_samples(questions: Sequence[QuestionInputs], conditions: Sequence[Condition]) -> list[QASample]:
+    """The questions' prompts of the input variants the conditions decode, for `run_study` (whose
+    `group` column then names each row's question: sharding, pooling and pairing go by it)."""
+    wanted = {c.input for c in conditions}
+    return [s for q in questions for s in q.samples() if s.variant in wanted]
 
 
 def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
@@ -163,7 +131,7 @@ def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     rows = []
     for vals, g in f.groupby(keys, dropna=False):
         # pool seeds: a question's EM is its mean over seeds, so each question counts once
-        per_q = g.groupby("question")["em"].mean().to_numpy(dtype=float)
+        per_q = g.groupby("group")["em"].mean().to_numpy(dtype=float)
         mean, lo, hi = bootstrap_ci(per_q, level=level)
         rows.append({**dict(zip(keys, vals)), "em": mean, "lo": lo, "hi": hi, "n": len(per_q)})
     out = pd.DataFrame(rows)
@@ -171,22 +139,6 @@ def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     out["alpha"] = np.where(out["method"] == "focus", out["value"], np.nan)
     order = ["method", "heads", "directions", "rows", "value", "k"]
     return out.sort_values(order, na_position="first").reset_index(drop=True)
-
-
-def mcnemar(frame: pd.DataFrame, condition_a: str, condition_b: str) -> dict[str, float]:
-    """Exact McNemar test (binomial on discordant questions) of two conditions' EM (by key)."""
-    from scipy.stats import binomtest
-
-    a = frame[frame.condition == condition_a].groupby("question")["em"].mean() > 0.5
-    b = frame[frame.condition == condition_b].groupby("question")["em"].mean() > 0.5
-    both = a.to_frame("a").join(b.to_frame("b"), how="inner")
-    if both.empty:
-        raise ValueError(f"no question has both {condition_a!r} and {condition_b!r}")
-    only_a = int((both.a & ~both.b).sum())
-    only_b = int((~both.a & both.b).sum())
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return {"n": len(both), "only_a": only_a, "only_b": only_b, "p_value": float(p),
-            "em_a": float(both.a.mean()), "em_b": float(both.b.mean())}
 
 
 def attention_per_document(
@@ -207,7 +159,7 @@ def attention_per_document(
         raise ValueError(f"the two answers share one prefill: rows must be 'response', got {condition.rows!r}")
     spans = {f"doc{i}": s for i, s in enumerate(sample.doc_spans)}
     heads = condition.head_set(dict(rankings or {}), model.cfg.n_layers, model.cfg.n_heads)
-    row = row_intervention(condition, heads, StudySample(sample), dict(directions or {}))
+    row = condition.row(heads, sample.named_spans(), dict(directions or {}))
     before, after = decode_batch(model, prefill(model, sample.input_ids), [RowIntervention(), row], spans=spans,
                                  max_new_tokens=max_new_tokens)
     layer, h = head

@@ -30,12 +30,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.core.heads import Head, check_heads, heads_by_layer
+from fdlib.core.store import atomic_write
+from fdlib.interventions.hooks import check_from_pos
 from fdlib.model import arch
 from fdlib.model.decoding import first_row_position, hooks
-from fdlib.core.heads import Head, check_heads, heads_by_layer
-from fdlib.interventions.hooks import check_from_pos
 from fdlib.model.loading import model_name
-from fdlib.core.store import atomic_write
 
 Placement = Literal["post_rope", "pre_rope"]
 TrainingSet = Literal["gold", "long", "shuffled"]

@@ -35,50 +35,18 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from fdlib.core.heads import check_heads
+from fdlib.core.spans import Span, check_spans
+from fdlib.interventions.reweighting import SPAN_MAPS, reweight_rows, target_share
+from fdlib.interventions.row import RowIntervention
 from fdlib.model import arch
 from fdlib.model.decoding import Prefix, _stop_tokens, check_length
-from fdlib.interventions.directions import FocusDirections
-from fdlib.core.heads import Head, check_heads
 from fdlib.model.loading import fast_prefill_model, shared_twin
-from fdlib.interventions.reweighting import SPAN_MAPS, check_strength, reweight_rows, target_share
-from fdlib.core.spans import Span, check_spans
 
 ATTENTION = "fdlib_shared_prefix"
 # Keyword arguments the HF attention modules pass that do not change the attention's value.
 _HARMLESS = {"position_ids", "cache_position", "output_attentions", "use_cache", "is_causal", "head_mask",
              "return_dict", "layer_idx", "token_type_ids", "past_key_values", "position_embeddings"}
-
-
-@dataclass(frozen=True)
-class RowIntervention:
-    """What one batch row does, on heads already resolved to a list.
-
-    Any combination is allowed; a study condition uses one: `span_map` + `strength` + `span`
-    (span reweighting), `directions` + `alpha` (focus directions), or `ablate`.
-    """
-
-    heads: tuple[Head, ...] = ()
-    span_map: str | None = None
-    strength: float | None = None
-    span: Span | None = None
-    directions: FocusDirections | None = None
-    alpha: float = 0.0
-    ablate: bool = False
-
-    def __post_init__(self) -> None:
-        if self.span_map is not None:
-            check_strength(self.span_map, self.strength)
-            if not isinstance(self.span, Span):
-                raise ValueError(f"span reweighting needs a Span to act on, got {self.span!r}")
-        if (self.span_map is not None or self.directions is not None or self.ablate) and not self.heads:
-            raise ValueError("an intervention needs at least one head")
-
-    @property
-    def is_identity(self) -> bool:
-        return self.span_map is None and (self.directions is None or self.alpha == 0) and not self.ablate
-
-
-NONE = RowIntervention()
 
 
 @dataclass

@@ -12,11 +12,12 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.core.heads import Head, check_heads, heads_by_layer
+from fdlib.core.spans import Span
+from fdlib.interventions.reweighting import check_strength, reweight_rows, target_share
 from fdlib.model.arch import check_supported, visible_keys
 from fdlib.model.decoding import first_row_position, hooks
-from fdlib.core.heads import Head, check_heads, heads_by_layer
-from fdlib.interventions.reweighting import check_strength, reweight_rows, target_share
-from fdlib.core.spans import Span
+
 
 def check_from_pos(from_pos: int) -> int:
     if isinstance(from_pos, bool) or not isinstance(from_pos, int) or from_pos < 0:

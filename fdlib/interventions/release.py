@@ -26,8 +26,8 @@ from typing import Any
 
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.interventions.directions import FocusDirections
 from fdlib.core.heads import Head
+from fdlib.interventions.directions import FocusDirections
 from fdlib.model.loading import model_name
 
 RELEASE_K = 20

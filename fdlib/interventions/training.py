@@ -14,8 +14,8 @@ pre-RoPE directions in; each layer's own rotation (Gemma 3: local and global bas
 
 from __future__ import annotations
 
-from collections import abc
 import json
+from collections import abc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
+from fdlib.core.heads import Head, check_heads
+from fdlib.core.store import atomic_write
+from fdlib.interventions.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
 from fdlib.model import arch
 from fdlib.model.decoding import hooks
-from fdlib.interventions.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
-from fdlib.core.heads import Head, check_heads
 from fdlib.model.loading import model_name
-from fdlib.core.store import atomic_write
 
 Loss = Literal["relevant", "contrast"]
 LOSSES: tuple[str, ...] = ("relevant", "contrast")

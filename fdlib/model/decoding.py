@@ -1,6 +1,7 @@
-"""The engine: prefill a prompt once, decode a greedy answer under hooks, record span sums.
+"""The sequential path on the bridge: prefill a prompt once, decode a greedy answer under hooks,
+record span sums (the batched executor is `fdlib.interventions.engine`).
 
-`decode` is the only place that generates text. A `SpanRecorder` on every layer's `hook_pattern`
+`decode` is the bridge's one greedy loop. A `SpanRecorder` on every layer's `hook_pattern`
 keeps, per response row, the attention mass on each named span (`[n_heads, n_spans]` per layer and
 row), never a T x T pattern.
 """
@@ -18,9 +19,9 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from fdlib.core.spans import Span, check_spans
 from fdlib.model.arch import check_supported
 from fdlib.model.loading import StopTokens, fast_prefill_model, stop_tokens
-from fdlib.core.spans import Span, check_spans
 
 
 def _as_ids(tokens: Tensor | Sequence[int]) -> Int[Tensor, "pos"]:

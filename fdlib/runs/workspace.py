@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fdlib.data.nq import SIZES, parse_size, sized
 from fdlib.core.store import RESULTS_SUFFIX, atomic_write, check_shard
+from fdlib.data.nq import SIZES, parse_size, sized
 
 PAPER = "paper"
 

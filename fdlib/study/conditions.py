@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 from fdlib.core.heads import Head, head_label, random_heads
+from fdlib.core.spans import Span
+from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
+from fdlib.interventions.row import RowIntervention
 
 Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate"]
 METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate")
@@ -188,6 +191,25 @@ class Condition:
             raise ValueError(f"condition {self.key!r} needs {self.k} heads but ranking {self.heads!r} has {len(ranked)}")
         return ranked[: self.k]
 
+    def row(self, heads: Sequence[Head], spans: Mapping[str, Span], directions: Mapping[str, FocusDirections],
+            alpha: float | None = None) -> RowIntervention:
+        """What this condition does to a row, on `heads` (its `head_set`), for a sample with these
+        named `spans`: the one translation the batched engine, the sequential path
+        (`fdlib.interventions.row.intervene`) and the explorer all execute. `alpha` is the one
+        chosen for an automatic alpha (`fdlib.study.runner.choose_alpha`)."""
+        if self.is_baseline or self.identity:
+            return RowIntervention()
+        if self.is_reweight:
+            return RowIntervention(tuple(heads), span_map=self.method, strength=self.value, span=spans[self.span])
+        if self.method in FOCUS:
+            if self.method in AUTO and alpha is None:
+                raise ValueError(f"{self.key}: choose its alpha first (choose_alpha)")
+            if self.directions not in directions:
+                raise ValueError(f"condition {self.key!r} needs directions {self.directions!r}; given: {sorted(directions)}")
+            return RowIntervention(tuple(heads), directions=directions[self.directions],
+                                   alpha=self.value if alpha is None else alpha)
+        return RowIntervention(tuple(heads), ablate=True)
+
     def _where_text(self, sep: str) -> str:
         if self.heads == LIST:
             return f"heads={','.join(head_label(l, h) for l, h in self.head_list)}"
@@ -246,7 +268,7 @@ def baselines(inputs: Sequence[str] = ("long", "gold", "negative")) -> list[Cond
     return [Condition.baseline(v) for v in inputs]
 
 
-def reweight_grid(
+def reweight_conditions(
     values: Sequence[float],
     ks: Sequence[int],
     *,
@@ -266,7 +288,7 @@ def reweight_grid(
     return out
 
 
-def focus_grid(
+def focus_conditions(
     alphas: Sequence[float],
     ks: Sequence[int],
     *,

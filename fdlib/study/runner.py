@@ -12,7 +12,6 @@ naming what differs. `shard=(i, n)` takes samples i, i+n, ... (one job of a clus
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -28,16 +27,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
-from fdlib.model.decoding import Prefix, check_length, decode, prefill
-from fdlib.interventions.directions import FocusDirections, focus_directions
-from fdlib.interventions.engine import Job, RowIntervention, decode_jobs, first_row_scores
 from fdlib.core.heads import Head, check_heads, labels
-from fdlib.interventions.hooks import ablate_heads, reweight_span
-from fdlib.model.loading import model_name
-from fdlib.study.scores import KINDS, kind_scores
 from fdlib.core.spans import Span
 from fdlib.core.store import Row, Store, check_shard, open_store
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.engine import Job, decode_jobs, first_row_scores
+from fdlib.interventions.row import RowIntervention, intervene
+from fdlib.model.decoding import Prefix, check_length, decode, prefill
+from fdlib.model.loading import model_name
+from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
+from fdlib.study.scores import KINDS, kind_scores
 
 Engine = Literal["batched", "sequential"]
 DECODING = "greedy; stop at eos, or at a newline once the answer has text"
@@ -177,20 +176,6 @@ class _Planned:
         return (c.method, c.value, tuple(sorted(self.heads)), c.directions, c.span, c.rows)
 
 
-def row_intervention(c: Condition, heads: Sequence[Head], sample: StudySample,
-                      directions: Mapping[str, FocusDirections], alpha: float | None = None) -> RowIntervention:
-    """The condition as one row of the batched engine (`alpha`: the one chosen for an automatic alpha)."""
-    if c.is_baseline or c.identity:
-        return RowIntervention()
-    if c.is_reweight:
-        return RowIntervention(tuple(heads), span_map=c.method, strength=c.value, span=sample.spans()[c.span])
-    if c.method in FOCUS:
-        if c.method in AUTO and alpha is None:
-            raise ValueError(f"{c.key}: choose its alpha first (choose_alpha)")
-        return RowIntervention(tuple(heads), directions=directions[c.directions], alpha=c.value if alpha is None else alpha)
-    return RowIntervention(tuple(heads), ablate=True)
-
-
 def choose_alpha(
     model: TransformerBridge, prefix: Prefix, sample: StudySample, heads: Sequence[Head], directions: FocusDirections,
     target_sink: float, alphas: Sequence[float] = AUTO_ALPHAS, *, relative: bool = False,
@@ -218,28 +203,6 @@ def _auto_alphas(model, prefix: Prefix, s: StudySample, planned: Sequence[_Plann
             for p in planned if p.condition.method in AUTO}
 
 
-def intervention(
-    model: TransformerBridge,
-    condition: Condition,
-    heads: Sequence[Head],
-    sample: StudySample,
-    directions: Mapping[str, FocusDirections] | None = None,
-) -> contextlib.AbstractContextManager:
-    """The condition as hooks on the bridge (the sequential path): rows from the last prompt row
-    on, or every row for `rows="all"`."""
-    from_pos = 0 if condition.rows == "all" else sample.n_tokens - 1
-    if condition.is_baseline or condition.identity:
-        return contextlib.nullcontext()
-    if condition.is_reweight:
-        return reweight_span(model, heads, sample.spans()[condition.span], condition.method, condition.value,
-                             from_pos=from_pos)
-    if condition.method == "focus":
-        return focus_directions(model, (directions or {})[condition.directions], heads, condition.value, from_pos=from_pos)
-    if condition.method in AUTO:
-        raise ValueError(f"{condition.key}: choose its alpha first (choose_alpha), then decode Condition.focus")
-    return ablate_heads(model, heads, from_pos=from_pos)
-
-
 def decode_sequential(
     model: TransformerBridge,
     sample: StudySample,
@@ -253,7 +216,8 @@ def decode_sequential(
     """One greedy answer under one condition through the bridge's hooks (the reference path):
     from the shared `prefix` (restored afterwards), or, for `rows="all"`, from a prefill of the
     prompt under the hooks."""
-    with intervention(model, condition, heads, sample, directions):
+    from_pos = 0 if condition.rows == "all" else sample.n_tokens - 1
+    with intervene(model, condition.row(heads, sample.spans(), directions or {}), from_pos):
         if condition.rows == "all":
             prefix = prefill(model, sample.input_ids, fast=False)
         elif prefix is None:
@@ -468,7 +432,7 @@ def _run_batched(model, todo, directions, batch_size, max_new_tokens, max_sample
                 if any(p.condition.method in AUTO for p in shared):
                     prefix = prefill(model, s.input_ids)  # the probe needs it before the rows are built
                     alphas = _auto_alphas(model, prefix, s, shared, directions)
-                rows = [row_intervention(first[r].condition, first[r].heads, s, directions, alphas.get(r)) for r in unique]
+                rows = [first[r].condition.row(first[r].heads, s.spans(), directions, alphas.get(r)) for r in unique]
                 info[(gi, si)] = (s, planned, unique, alphas)
                 yield Job((gi, si), prefix, rows, s.spans())
 

@@ -19,12 +19,12 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.model.arch import check_supported
-from fdlib.data.nq import QASample
-from fdlib.model.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
-from fdlib.core.metrics import best_subspan_em, bootstrap_ci
 from fdlib.core.heads import head_label
+from fdlib.core.metrics import best_subspan_em, bootstrap_ci
 from fdlib.core.spans import Span, check_spans
+from fdlib.data.nq import QASample
+from fdlib.model.arch import check_supported
+from fdlib.model.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
 KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}

@@ -33,16 +33,15 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
-from fdlib.data.nq import QASample
-from fdlib.model.decoding import Prefix, check_length, decode, hooks
-from fdlib.interventions.directions import FocusDirections
+from fdlib.core.heads import Head, check_heads, head_label
 from fdlib.core.metrics import best_subspan_em
-from fdlib.study.conditions import Condition
-from fdlib.core.heads import Head, check_heads
-from fdlib.study.runner import StudySample, intervention
-from fdlib.core.heads import head_label
-from fdlib.study.scores import KIND_LABELS, KINDS, kind_scores, top_heads
 from fdlib.core.spans import Span
+from fdlib.data.nq import QASample
+from fdlib.interventions.directions import FocusDirections
+from fdlib.interventions.row import intervene
+from fdlib.model.decoding import Prefix, check_length, decode, hooks
+from fdlib.study.conditions import Condition
+from fdlib.study.scores import KIND_LABELS, KINDS, kind_scores, top_heads
 
 InterventionKind = Literal["none", "split_softmax", "focus"]
 INTERVENTIONS: tuple[str, ...] = ("none", "split_softmax", "focus")  # the explorer's menu
@@ -54,15 +53,15 @@ def intervention_context(
     model: TransformerBridge, condition: Condition, sample: QASample, directions: FocusDirections | None = None
 ) -> ContextManager[None]:
     """A condition with an explicit head list as hooks acting from the last prompt row on, so it
-    works on a prefix shared with every other setting (`fdlib.study.runner.intervention`)."""
+    works on a prefix shared with every other setting (`Condition.row`, run by `intervene`)."""
     if condition.is_reweight and sample.gold_span is None:
         raise ValueError(f"sample {sample.id} has no gold document: split-softmax needs one to re-weight")
     if condition.method == "focus" and directions is None:
         raise ValueError("focus directions need trained directions: pass directions=FocusDirections")
     if condition.rows != "response":
         raise ValueError(f"the explorer decodes from a shared prefix: rows must be 'response', got {condition.rows!r}")
-    return intervention(model, condition, list(condition.head_list or ()), StudySample(sample),
-                        {DIRECTIONS: directions} if directions is not None else {})
+    row = condition.row(_heads_of(condition), sample.named_spans(), {DIRECTIONS: directions} if directions is not None else {})
+    return intervene(model, row, sample.n_tokens - 1)
 
 
 def _heads_of(condition: Condition) -> tuple[Head, ...]:

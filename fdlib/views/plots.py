@@ -235,7 +235,7 @@ def doc_attention(
     return fig
 
 
-def key_bias(
+def key_bias_by_token(
     bias: Sequence[float] | np.ndarray,
     tokens: Sequence[str],
     doc_spans: Sequence[tuple[int, int]],
