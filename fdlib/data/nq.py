@@ -408,8 +408,3 @@ class NQBuilder:
     ) -> list[QASample]:
         chosen = split_examples(self.examples, split, seed)[: n_samples(size, split)]
         return [self.sample(e, n_docs, gold_position, variant) for e in chosen]
-
-
-def qa_samples(tokenizer: Any, **kwargs: Any) -> list[QASample]:
-    """Shortcut for `NQBuilder(tokenizer).samples(**kwargs)`."""
-    return NQBuilder(tokenizer).samples(**kwargs)

@@ -47,13 +47,6 @@ class RowIntervention:
         if (self.span_map is not None or self.directions is not None or self.ablate) and not self.heads:
             raise ValueError("an intervention needs at least one head")
 
-    @property
-    def is_identity(self) -> bool:
-        return self.span_map is None and (self.directions is None or self.alpha == 0) and not self.ablate
-
-
-NONE = RowIntervention()
-
 
 @contextlib.contextmanager
 def intervene(model: TransformerBridge, row: RowIntervention, from_pos: int) -> Iterator[None]:

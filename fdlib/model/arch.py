@@ -131,18 +131,6 @@ class ModelFacts:
     query_kind: str
     refusals: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def kv_groups(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @property
-    def has_window(self) -> bool:
-        return any(l.window is not None for l in self.layers)
-
-    @property
-    def has_softcap(self) -> bool:
-        return any(l.softcap is not None for l in self.layers)
-
 
 def _attn_bridge_kind(attn: Any) -> str | None:
     """'rope' (reimplemented RoPE attention with hook_rot_q), 'joint_rope' (fused QKV with RoPE,
