@@ -212,7 +212,7 @@ def _rng(task: str, seed: int, index: int) -> random.Random:
     # random.Random seeded with a str hashes it with SHA-512: the same on every machine and run
     # (unlike hash()). Each sample has its own stream, so sample i's keys, values and filler do
     # not depend on how many samples are drawn.
-    return random.Random(f"fdlib.data.tasks:{task}:{seed}:{index}")
+    return random.Random(f"fdlib.tasks:{task}:{seed}:{index}")
 
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -654,7 +654,7 @@ def _nq_questions(
     pool = [e for e in split_examples(builder.examples, split) if keep is None or keep(e)]  # type: ignore[arg-type]
     if n > len(pool):
         raise ValueError(f"size {n} exceeds the {len(pool)} usable questions of the {split} split")
-    random.Random(f"fdlib.data.tasks:nq:{seed}").shuffle(pool)
+    random.Random(f"fdlib.tasks:nq:{seed}").shuffle(pool)
     return pool[:n]
 
 
