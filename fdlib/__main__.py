@@ -18,10 +18,6 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, results/, figures/
 
 
-def _size(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
-
-
 def _train_args(ap: argparse.ArgumentParser) -> None:
     from fdlib.interventions.directions import TRAINING_SETS
     from fdlib.interventions.training import LOSSES
@@ -46,6 +42,7 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Train one set of directions on the NQ training split and save it."""
+    from fdlib.data.nq import parse_size
     from fdlib.experiments.contextual import contextual_study
     from fdlib.interventions.training import train_nq_directions
     from fdlib.model.loading import load_model
@@ -53,10 +50,11 @@ def train(args: argparse.Namespace) -> None:
     model = load_model(args.model)
     heads = None
     if args.top:
-        heads = contextual_study(model, size=_size(args.heads_size), split="train", store=args.heads_store).heads(args.top)
-    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement, size=_size(args.size),
-                                 heads=heads, root=args.cache, lr=args.lr, epochs=args.epochs, seed=args.seed,
-                                 loss=args.loss, max_norm=args.max_norm)
+        study = contextual_study(model, size=parse_size(args.heads_size), split="train", store=args.heads_store)
+        heads = study.heads(args.top)
+    result = train_nq_directions(model, training_set=args.training_set, placement=args.placement,
+                                 size=parse_size(args.size), heads=heads, root=args.cache, lr=args.lr,
+                                 epochs=args.epochs, seed=args.seed, loss=args.loss, max_norm=args.max_norm)
     result.directions.save(args.out)
 
 
@@ -79,13 +77,14 @@ def _sweep_args(ap: argparse.ArgumentParser) -> None:
 
 def sweep(args: argparse.Namespace) -> None:
     """One split-softmax sweep (or one shard of it) into a store; see the README's SLURM example."""
+    from fdlib.data.nq import parse_size
     from fdlib.experiments.contextual import contextual_study
     from fdlib.experiments.sweeps import question_inputs, split_grid, sweep_samples
     from fdlib.model.loading import load_model
     from fdlib.study.runner import run_study
 
     model = load_model(args.model)
-    study = contextual_study(model, size=_size(args.heads_size), split="train", store=args.heads_store)
+    study = contextual_study(model, size=parse_size(args.heads_size), split="train", store=args.heads_store)
     n_total = model.cfg.n_layers * model.cfg.n_heads
     count = args.questions if args.questions is not None else args.size
     if isinstance(count, int):
@@ -93,7 +92,8 @@ def sweep(args: argparse.Namespace) -> None:
     questions = question_inputs(model, split="test", size=count)[args.skip :]
     configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
     run_study(model, sweep_samples(questions, configs), configs, heads={"contextual": study.heads(n_total)},
-              store=args.store, shard=tuple(args.shard), batch_size=args.batch_size, desc=f"sweep shard {args.shard[0]}/{args.shard[1]}")
+              store=args.store, shard=tuple(args.shard), batch_size=args.batch_size,
+              desc=f"sweep shard {args.shard[0]}/{args.shard[1]}")
 
 
 def _paper_args(ap: argparse.ArgumentParser) -> None:

@@ -34,8 +34,12 @@ def scored(model: TransformerBridge, frame: pd.DataFrame, samples: Sequence[QASa
 def table3_conditions(samples: Sequence[QASample], alpha: float, heads: Sequence[Head]) -> list[Condition]:
     """The paper's Table 3 runs: per input variant of `samples`, the baseline and focus directions
     (the set named "focus") at `alpha` on `heads`, answer rows."""
-    variants = dict.fromkeys(s.variant for s in samples)
-    return [c for v in variants for c in (Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v))]
+    return [c for v in dict.fromkeys(s.variant for s in samples) for c in _table3_pair(v, alpha, heads)]
+
+
+def _table3_pair(variant: str, alpha: float, heads: Sequence[Head]) -> tuple[Condition, Condition]:
+    """One input variant's Table 3 conditions: without, and with the directions."""
+    return Condition.baseline(variant), Condition.focus(alpha, "focus", list(heads), input=variant)
 
 
 def focus_table(
@@ -55,7 +59,7 @@ def focus_table(
     parts = []
     for v in dict.fromkeys(s.variant for s in samples):
         these = [s for s in samples if s.variant == v]
-        plain, steered = Condition.baseline(v), Condition.focus(alpha, "focus", list(heads), input=v)
+        plain, steered = _table3_pair(v, alpha, heads)
         for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
             results = scored(model, frame, these, c.key)
             if not results:
