@@ -4,6 +4,10 @@
     python -m fdlib sweep --size paper --shard 3 8                     # a split-softmax sweep
     python -m fdlib paper status|run|merge|export [--only 02 07]       # the paper-size run
     python -m fdlib reproduce [--size quick]                           # render notebooks + README
+
+Every command takes `--dtype float32|bfloat16|float16`, the dtype the model computes in (default
+float32; `paper` and `reproduce`: `FDLIB_DTYPE`, else float32). Rows, stores, results and figures
+of another dtype than float32 are kept apart from float32's (`fdlib.runs.workspace`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: notebooks/, results/, figures/
 
 
+def _dtype_arg(ap: argparse.ArgumentParser, *, from_env: bool = False) -> None:
+    from fdlib.model.loading import DTYPES
+
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None if from_env else "float32",
+                    help="the dtype the model computes in (default: " + ("FDLIB_DTYPE, else " if from_env else "")
+                         + "float32)")
+
+
+def _runs_file(given: str | None, name: str, dtype: str) -> str:
+    """A working store named on the command line, or `runs/[<dtype>/]<name>`: rows of a dtype other
+    than float32 go to a store of their own."""
+    from fdlib.core.store import BASE_DTYPE
+
+    if given is not None:
+        return given
+    return str(Path("runs") / name if dtype == BASE_DTYPE else Path("runs") / dtype / name)
+
+
 def _train_args(ap: argparse.ArgumentParser) -> None:
     from fdlib.interventions.directions import TRAINING_SETS
     from fdlib.interventions.training import LOSSES
@@ -29,7 +51,7 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
     ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
     ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
-    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
+    ap.add_argument("--heads-store", help="default: runs/[<dtype>/]contextual.sqlite")
     ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=10)
@@ -38,6 +60,7 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
                     help="relevant: -S_C (the paper's); contrast: -(S_C - S_IRmax), k-document training sets only")
     ap.add_argument("--max-norm", type=float, help="bound each head's |d_Q| and |d_K| (default: none)")
     ap.add_argument("--out", required=True, help="where to write the .safetensors file")
+    _dtype_arg(ap)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -47,10 +70,11 @@ def train(args: argparse.Namespace) -> None:
     from fdlib.interventions.training import train_nq_directions
     from fdlib.model.loading import load_model
 
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     heads = None
     if args.top:
-        study = contextual_study(model, size=parse_size(args.heads_size), split="train", store=args.heads_store)
+        study = contextual_study(model, size=parse_size(args.heads_size), split="train",
+                                 store=_runs_file(args.heads_store, "contextual.sqlite", args.dtype))
         heads = study.heads(args.top)
     result = train_nq_directions(model, training_set=args.training_set, placement=args.placement,
                                  size=parse_size(args.size), heads=heads, root=args.cache, lr=args.lr,
@@ -69,10 +93,11 @@ def _sweep_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ks", type=int, nargs="+")
     ap.add_argument("--seeds", type=int, nargs="+")
     ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads")
-    ap.add_argument("--heads-store", default="runs/contextual.sqlite")
-    ap.add_argument("--store", default="runs/sweep.sqlite")
+    ap.add_argument("--heads-store", help="default: runs/[<dtype>/]contextual.sqlite")
+    ap.add_argument("--store", help="default: runs/[<dtype>/]sweep.sqlite")
     ap.add_argument("--shard", type=int, nargs=2, default=(0, 1), metavar=("I", "N"))
     ap.add_argument("--batch-size", type=int, default=32, help="conditions decoded together over one prompt cache")
+    _dtype_arg(ap)
 
 
 def sweep(args: argparse.Namespace) -> None:
@@ -83,8 +108,9 @@ def sweep(args: argparse.Namespace) -> None:
     from fdlib.model.loading import load_model
     from fdlib.study.runner import run_study
 
-    model = load_model(args.model)
-    study = contextual_study(model, size=parse_size(args.heads_size), split="train", store=args.heads_store)
+    model = load_model(args.model, dtype=args.dtype)
+    study = contextual_study(model, size=parse_size(args.heads_size), split="train",
+                             store=_runs_file(args.heads_store, "contextual.sqlite", args.dtype))
     n_total = model.cfg.n_layers * model.cfg.n_heads
     count = args.questions if args.questions is not None else args.size
     if isinstance(count, int):
@@ -92,7 +118,8 @@ def sweep(args: argparse.Namespace) -> None:
     questions = question_inputs(model, split="test", size=count)[args.skip :]
     configs = split_grid(args.size, n_total_heads=n_total, taus=args.taus, ks=args.ks, seeds=args.seeds)
     run_study(model, sweep_samples(questions, configs), configs, heads={"contextual": study.heads(n_total)},
-              store=args.store, shard=tuple(args.shard), batch_size=args.batch_size,
+              store=_runs_file(args.store, "sweep.sqlite", args.dtype), shard=tuple(args.shard),
+              batch_size=args.batch_size,
               desc=f"sweep shard {args.shard[0]}/{args.shard[1]}")
 
 
@@ -101,6 +128,7 @@ def _paper_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", nargs="*", help="notebook prefixes, e.g. 02 07 (default: all, in order)")
     ap.add_argument("--shard", default="0/1", help="i/n: this job's share of every study's questions")
     ap.add_argument("--model", help="default: FDLIB_MODEL or the default model")
+    _dtype_arg(ap, from_env=True)
     ap.add_argument("--root", default=str(ROOT))
     ap.add_argument("--threads", type=int, help="torch threads per notebook (default: all cores; give each job of a "
                                                 "shared machine its share)")
@@ -117,7 +145,8 @@ def paper(args: argparse.Namespace) -> None:
     # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(args.root)
-    ws = run.workspace(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard))
+    ws = run.workspace(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard),
+                       args.dtype or os.environ.get("FDLIB_DTYPE"))
     chosen = run.chosen(args.only)
     if args.action == "status":
         print(run.format_status(run.study_status(ws)))
@@ -129,7 +158,8 @@ def paper(args: argparse.Namespace) -> None:
         if args.from_results:
             for p in run.seed_from_results(ws):
                 print(f"started {p} from the committed results", flush=True)
-        print(f"paper-size run of {ws.model}; stores in {ws.runs / run.PAPER}. Where it stands:", flush=True)
+        print(f"paper-size run of {ws.model} in {ws.dtype}; stores in {ws.runs / run.PAPER}. Where it stands:",
+              flush=True)
         print(run.format_status(run.study_status(ws)), flush=True)
         for nb in chosen:
             print(f"\n== {nb} ==", flush=True)
@@ -143,6 +173,7 @@ def paper(args: argparse.Namespace) -> None:
 def _reproduce_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--size", default="paper", help="paper (default: render the committed results), quick, full, or a count")
     ap.add_argument("--notebooks", default=str(ROOT / "notebooks"))
+    _dtype_arg(ap, from_env=True)
     ap.add_argument("notebook", nargs="*", help="only these notebooks (default: all, in name order)")
 
 
@@ -150,7 +181,7 @@ def reproduce(args: argparse.Namespace) -> None:
     """Run the notebooks top to bottom so each writes its figures; at `paper`, render the README."""
     from fdlib.runs.reproduce import reproduce as render
 
-    render(Path(args.notebooks), args.size, [Path(p) for p in args.notebook])
+    render(Path(args.notebooks), args.size, [Path(p) for p in args.notebook], dtype=args.dtype)
 
 
 COMMANDS = {

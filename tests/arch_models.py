@@ -180,9 +180,20 @@ def build_hf(name: str, seed: int = 0, attn_implementation: str | None = None, *
     return model
 
 
-def build_arch(name: str, seed: int = 0, **overrides: Any) -> Tiny:
+def as_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its weights in `dtype` and its rotary tables left in float32, as
+    `from_pretrained(..., dtype=dtype)` loads a checkpoint (written apart from fdlib's cast)."""
+    tables = {n: b.clone() for n, b in model.named_buffers() if "inv_freq" in n}
+    model.to(dtype)
+    for name, table in tables.items():
+        module, _, attr = name.rpartition(".")
+        model.get_submodule(module)._buffers[attr] = table
+    return model
+
+
+def build_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Tiny:
     """A bridge over a tiny random `name` model plus a separate eager HF copy with the same
-    weights (the reference). `overrides` go to the HF config."""
+    weights (the reference), both with weights in `dtype`. `overrides` go to the HF config."""
     import fdlib
 
     if name not in BUILDERS:
@@ -192,16 +203,16 @@ def build_arch(name: str, seed: int = 0, **overrides: Any) -> Tiny:
     reference.load_state_dict(hf.state_dict())
     reference.eval()
     tokenizer = build_tokenizer(VOCAB)
-    return Tiny(fdlib.load_model(hf, tokenizer), reference, tokenizer)
+    return Tiny(fdlib.load_model(hf, tokenizer, dtype=dtype), as_dtype(reference, dtype), tokenizer)
 
 
-_CACHE: dict[tuple[str, int], Tiny] = {}
+_CACHE: dict[tuple[str, int, torch.dtype], Tiny] = {}
 
 
-def cached_arch(name: str, seed: int = 0) -> Tiny:
-    """`build_arch` memoised per (name, seed) for a test session. Tests must leave the model as
-    they found it (hooks removed, attention implementation restored)."""
-    key = (name, seed)
+def cached_arch(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tiny:
+    """`build_arch` memoised per (name, seed, dtype) for a test session. Tests must leave the model
+    as they found it (hooks removed, attention implementation restored)."""
+    key = (name, seed, dtype)
     if key not in _CACHE:
-        _CACHE[key] = build_arch(name, seed)
+        _CACHE[key] = build_arch(name, seed, dtype)
     return _CACHE[key]

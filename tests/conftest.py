@@ -57,8 +57,10 @@ class Tiny:
     tokenizer: object
 
 
-def build_tiny(seed: int = 0, **overrides) -> Tiny:
-    """A bridge over a random tiny GQA Llama, plus a separate eager HF copy as the reference."""
+def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Tiny:
+    """A bridge over a random tiny GQA Llama, plus a separate eager HF copy as the reference, both
+    with weights in `dtype`."""
+    from arch_models import as_dtype
     from transformers import LlamaForCausalLM
 
     import fdlib
@@ -69,7 +71,7 @@ def build_tiny(seed: int = 0, **overrides) -> Tiny:
     reference = LlamaForCausalLM(build_llama_config(**overrides, attn_implementation="eager")).eval()
     reference.load_state_dict(hf.state_dict())
     tokenizer = build_tokenizer(config.vocab_size)
-    return Tiny(fdlib.load_model(hf, tokenizer), reference, tokenizer)
+    return Tiny(fdlib.load_model(hf, tokenizer, dtype=dtype), as_dtype(reference, dtype), tokenizer)
 
 
 @pytest.fixture(scope="session")
@@ -100,3 +102,46 @@ def fake_samples(n: int, variant: str = "long"):
         gold = None if variant == "negative" else 1
         out.append(QASample(f"s{i}/{variant}", variant, "q", ("w7",), docs, gold, "", ids, spans, fdlib.Span(18, 24), fdlib.Span(0, 1)))
     return out
+
+
+# --- bfloat16 parity ------------------------------------------------------------------------
+# bfloat16 keeps 8 significant bits: one unit in the last place of x is 2^(floor(log2|x|) - 7).
+# Executors of the same computation round at different points (the batched engine splits the
+# attention over the prompt's and the row's own keys; hooks add d_Q before or after a rounding),
+# and through the tiny models' two layers those roundings put the bfloat16 model 2-5 ulps of its
+# largest logit away from the float32 model on the same weights. Between two bfloat16 executors,
+# and to the bfloat16 reference, 8 ulps of the largest logit are allowed: a real error (a missed
+# edit, a wrong head, a cast table) moves logits by far more. Span scores are sums of attention
+# weights taken in float32 from bfloat16 patterns: one ulp at [0.5, 1), 2^-8, bounds them (the
+# largest difference seen is 2.8e-3); a missed reweighting moves a score by 0.1 or more.
+BF16_LOGIT_ULPS = 8
+BF16_SCORE_TOL = 2.0**-8
+
+
+def bf16_logit_tol(reference: torch.Tensor) -> float:
+    """BF16_LOGIT_ULPS bfloat16 ulps of the largest |logit| of `reference`."""
+    import math
+
+    top = float(reference.abs().max())
+    return BF16_LOGIT_ULPS * 2.0 ** (math.floor(math.log2(top)) - 7)
+
+
+def sequential_forced(model, prefix, row, tokens, spans):
+    """The sequential executor teacher-forced: `row` as hooks on the bridge (`intervene`) from
+    the last prompt row, the last prompt token and `tokens` in one cached forward. Returns the
+    logits of those rows `[len(tokens) + 1, d_vocab]` (float32) and the span scores over the answer
+    rows (`SpanRecorder` from the first answer row, as `decode` records them). The prefix's
+    cache is returned to its length."""
+    from fdlib.interventions.row import intervene
+    from fdlib.model.decoding import SpanRecorder, hooks
+
+    ids = torch.cat([prefix.tokens[-1:], torch.as_tensor(tokens, dtype=torch.long)])
+    recorder = SpanRecorder(spans, from_pos=prefix.length, n_layers=model.cfg.n_layers)
+    try:
+        with torch.no_grad(), intervene(model, row, from_pos=prefix.length - 1), hooks(model, recorder.fwd_hooks()):
+            logits = model(ids[None], past_key_values=prefix.cache, return_type="logits")[0].float()
+    finally:
+        grown = int(prefix.cache.get_seq_length()) - (prefix.length - 1)
+        if grown:
+            prefix.cache.crop(-grown)  # transformers' crop takes minus the number of tokens to drop
+    return logits, recorder.mean()

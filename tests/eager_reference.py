@@ -22,6 +22,12 @@ Edits, each on chosen (layer, head) pairs:
   puts the row's mass uniformly on the span positions it can see (unchanged if none).
 - `Ablate`: the head's output (W v, before the output projection) zeroed at rows >= from_pos.
 
+A model in a lower precision than float32 (bfloat16 weights) is computed as transformers' eager
+attention computes it: every step above in float64, its result rounded to the model's dtype
+where eager attention holds it in that dtype (the logits after the scaling, the focus edit and
+the softcap; the pattern after the float32 softmax and after the span edit); the softmax itself
+in float32. In float32 nothing is rounded: the float64 reference.
+
 `run(hf, ids, ...)` returns the logits `[T, vocab]` and every layer's pattern `[heads, T, T]`.
 """
 
@@ -115,6 +121,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     b, H, T, d = query.shape
     assert b == 1 and key.shape[-2] == T, "the reference runs full forwards of one sequence only"
     groups = H // key.shape[1]
+    low = query.dtype != torch.float32
+
+    def held(x: torch.Tensor) -> torch.Tensor:
+        """x as eager attention holds it: rounded to the model's dtype when that is below float32."""
+        return x.to(query.dtype).double() if low else x
+
     q = query.double().clone()
     k = key.double().repeat_interleave(groups, dim=1)  # per query head from here on
     v = value.double().repeat_interleave(groups, dim=1)
@@ -122,7 +134,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 
     if scaling is None:
         scaling = getattr(module, "scaling", d**-0.5)
-    scores = (q @ k.transpose(-1, -2)) * scaling
+    scores = held((q @ k.transpose(-1, -2)) * scaling)
     f = st.focus
     if f is not None:  # rows >= from_pos: (q_i + d_Q) . (k_j + d_K); earlier rows untouched
         rope = getattr(module.config, "rope_parameters", None) is not None and not hasattr(module, "c_attn")
@@ -137,18 +149,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                 dq_rows, dk_rows = dq[None].expand(T, d), dk[None].expand(T, d)
             keep = rows >= f.from_pos
             qf, kf = q[0, h, keep] + dq_rows[keep], k[0, h] + dk_rows
-            scores[0, h, keep] = (qf @ kf.T) * scaling
+            scores[0, h, keep] = held((qf @ kf.T) * scaling)
     if getattr(module, "scale_attn_by_inverse_layer_idx", False):
         scores = scores / float(layer + 1)
     cap = kwargs.get("softcap") or getattr(module, "attn_logit_softcapping", None)
     if cap:
-        scores = cap * torch.tanh(scores / cap)
+        scores = held(cap * torch.tanh(scores / cap))
     window = kwargs.get("sliding_window")
     cols = torch.arange(T)
     visible = cols[None, :] <= rows[:, None]
     if window:
         visible &= (rows[:, None] - cols[None, :]) < window
-    w = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    masked = scores.masked_fill(~visible, float("-inf"))
+    w = held(torch.softmax(masked.float(), dim=-1).double()) if low else torch.softmax(masked, dim=-1)
 
     s = st.split
     if s is not None:
@@ -171,6 +184,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
                     if seen.any():
                         w[0, h, i] = seen.double() / seen.sum()
 
+    w = held(w)
     st.patterns[layer] = w[0].clone()
     out = w @ v  # [1, H, T, d]
     ab = st.ablate

@@ -155,3 +155,83 @@ def test_continuous_batching_across_prompts_equals_one_prompt_at_a_time(stopping
         for a, b in zip(answers, alone[i]):
             for name in b.scores:
                 torch.testing.assert_close(a.scores[name], b.scores[name], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_mixed_batch_equals_sequential_teacher_forced():
+    """The mixed batch in bfloat16, teacher-forced on one answer (greedy answers may part at a near
+    tie in bfloat16): every row's logits and span scores from the batched engine equal the
+    bridge's hooks (the sequential executor) within conftest's bfloat16 tolerances, and
+    bfloat16 changed them (the float32 model on the same weights differs)."""
+    from conftest import BF16_SCORE_TOL, bf16_logit_tol, sequential_forced
+
+    from fdlib.interventions.engine import teacher_forced
+
+    t, t32 = build_tiny(seed=3, dtype=torch.bfloat16), build_tiny(seed=3)
+    sample = fake_samples(1)[0]
+    spans = sample.named_spans()
+    tokens = [11, 23, 5, 40, 17, 9, 33, 28]
+    moved = 0.0
+    for tiny in (t, t32):
+        rows = _mixed_rows(tiny.model, sample.gold_span)
+        logits, answers = teacher_forced(tiny.model, prefill(tiny.model, sample.input_ids), rows, tokens, spans)
+        for i, row in enumerate(rows):
+            seq_logits, seq_scores = sequential_forced(tiny.model, prefill(tiny.model, sample.input_ids), row, tokens, spans)
+            if tiny is t32:  # float32: the exact reference, as in the greedy test above
+                torch.testing.assert_close(logits[i], seq_logits, atol=1e-4, rtol=0)
+                moved = max(moved, float((logits[i] - bf16_logits[i]).abs().max()))
+                continue
+            torch.testing.assert_close(logits[i], seq_logits, atol=bf16_logit_tol(seq_logits), rtol=0, msg=str(row))
+            for name in spans:
+                torch.testing.assert_close(answers[i].scores[name], seq_scores[name], atol=BF16_SCORE_TOL, rtol=0,
+                                           msg=f"{name} {row}")
+        bf16_logits = logits
+    assert moved > 0
+
+
+def _reads(fn):
+    """How often `fn` reads a tensor's value back on the host (`item`, `tolist`, `cpu`,
+    `numpy`, `nonzero`, and `bool`/`int`/`float` of a tensor), by method."""
+    import collections
+
+    names = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__")
+    counts: collections.Counter = collections.Counter()
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+
+    def counting(name, orig):
+        def read(self, *args, **kwargs):
+            counts[name] += 1
+            return orig(self, *args, **kwargs)
+        return read
+
+    try:
+        for n, orig in originals.items():
+            setattr(torch.Tensor, n, counting(n, orig))
+        fn()
+    finally:
+        for n, orig in originals.items():
+            setattr(torch.Tensor, n, orig)
+    return counts
+
+
+def test_a_decode_step_reads_back_only_its_next_tokens(stopping):
+    """A GPU-shaped decode step: whatever the rows do (the mixed batch: span maps, focus
+    directions pre and post RoPE, ablation) and however many layers, each extra step of the
+    batched engine reads back exactly one thing, the batch's next tokens (`tolist`); the span
+    sums, the reweighting's index plans and the stop checks stay on the device until the rows
+    finish. The sequential executor's extra step reads back one thing too (its next token)."""
+    t, sample = stopping
+    model = t.model
+    saved = model.__dict__["_fdlib_stop_tokens"]
+    model.__dict__["_fdlib_stop_tokens"] = StopTokens(frozenset(), frozenset())  # every row runs the budget
+    try:
+        rows = _mixed_rows(model, sample.gold_span)
+        prefix = prefill(model, sample.input_ids)
+        spans = sample.named_spans()
+        batched = {n: _reads(lambda n=n: decode_batch(model, prefix, rows, spans=spans, max_new_tokens=n)) for n in (3, 9)}
+        extra = batched[9] - batched[3]
+        assert dict(extra) == {"tolist": 6}, dict(batched[9])
+        seq = {n: _reads(lambda n=n: _reference(model, prefix, rows[2], sample.n_tokens - 1, spans, n)) for n in (3, 9)}
+        extra = seq[9] - seq[3]
+        assert sum(extra.values()) == 6, dict(seq[9])
+    finally:
+        model.__dict__["_fdlib_stop_tokens"] = saved

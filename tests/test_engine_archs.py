@@ -101,3 +101,40 @@ def test_rows_of_prompts_of_different_lengths_in_one_batch(arch):
             ref = run(t.hf, torch.cat([p, torch.tensor(answer.tokens)]), **edits)
             want = ref.span_scores((NEAR.start, NEAR.end), from_pos=len(p)).float()
             torch.testing.assert_close(answer.scores["near"], want, atol=1e-5, rtol=0, msg=f"{arch} prompt {i} {row}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_engine_and_bridge_agree_with_eager_reference_teacher_forced(arch):
+    """In bfloat16, on the same answer tokens (teacher forcing: greedy answers may part at a near
+    tie), the batched engine, the bridge's hooks and the eager reference in bfloat16 (transformers'
+    eager rounding points, float32 softmax: tests/eager_reference.py) give the same logits and span
+    scores within the bfloat16 tolerances of conftest, for every case of the matrix; and bfloat16
+    really changed the numbers (the float32 reference differs)."""
+    from conftest import BF16_SCORE_TOL, bf16_logit_tol, sequential_forced
+
+    from fdlib.interventions.engine import teacher_forced
+    from fdlib.model.loading import model_dtype
+
+    t, t32 = cached_arch(arch, dtype=torch.bfloat16), cached_arch(arch)
+    model = t.model
+    assert model_dtype(model) == torch.bfloat16 and model_dtype(t.hf) == torch.bfloat16
+    prompt, tokens = _prompt(), [7, 9, 11, 13, 21, 30]
+    spans = {"near": NEAR, "far": FAR, "sink": Span(0, 1)}
+    full = torch.cat([prompt, torch.tensor(tokens)])
+    cases = _cases(model)
+    logits, answers = teacher_forced(model, prefill(model, prompt), [row for row, _ in cases], tokens, spans)
+    moved = 0.0
+    for i, (row, edits) in enumerate(cases):
+        ref = run(t.hf, full, **edits)
+        want = ref.logits[PROMPT - 1 :].float()
+        tol = bf16_logit_tol(want)
+        seq_logits, seq_scores = sequential_forced(model, prefill(model, prompt), row, tokens, spans)
+        for name, got in (("engine", logits[i]), ("bridge", seq_logits)):
+            torch.testing.assert_close(got, want, atol=tol, rtol=0, msg=f"{arch} {name} logits {row}")
+        torch.testing.assert_close(logits[i], seq_logits, atol=tol, rtol=0, msg=f"{arch} engine vs bridge {row}")
+        for name, span in spans.items():
+            ref_scores = ref.span_scores((span.start, span.end), from_pos=PROMPT).float()
+            for label, got in (("engine", answers[i].scores[name]), ("bridge", seq_scores[name])):
+                torch.testing.assert_close(got, ref_scores, atol=BF16_SCORE_TOL, rtol=0, msg=f"{arch} {label} {name} {row}")
+        moved = max(moved, float((run(t32.hf, full, **edits).logits[PROMPT - 1 :].float() - want).abs().max()))
+    assert moved > 0, f"{arch}: the bfloat16 reference equals the float32 one: the test did not run in bfloat16"

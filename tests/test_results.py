@@ -75,6 +75,53 @@ def test_workspace_refusals_and_env(tmp_path):
         parse_shard("8/8")
 
 
+def test_workspace_dtype_has_folders_of_its_own(tmp_path):
+    import torch
+
+    f32 = build_ws(tmp_path, size="paper", recompute=True)
+    bf16 = build_ws(tmp_path, size="paper", recompute=True, dtype="bf16")
+    assert (f32.dtype, bf16.dtype) == ("float32", "bfloat16") and bf16.torch_dtype is torch.bfloat16
+    assert build_ws(tmp_path, dtype=torch.float16).dtype == "float16" and f32.torch_dtype is torch.float32
+    assert bf16.results == tmp_path / "results" / "bfloat16" and f32.results == tmp_path / "results"
+    assert bf16.store("02_split_softmax") == tmp_path / "runs" / "bfloat16" / "paper" / "02_split_softmax.sqlite"
+    assert bf16.kept_file("07_bias_shares") != f32.kept_file("07_bias_shares")
+    assert bf16.figures == tmp_path / "figures" / "bfloat16" and f32.figures == tmp_path / "figures"
+    assert bf16.committed_figures == f32.committed_figures == tmp_path / "figures"  # the directions are the model's
+    render = build_ws(tmp_path, size="paper", dtype="bfloat16")
+    assert render.store("01_contextual") == tmp_path / "results" / "bfloat16" / "01_contextual.jsonl.gz"
+    quick = build_ws(tmp_path, dtype="bfloat16")
+    assert quick.store("01_contextual") == tmp_path / "runs" / "bfloat16" / "01_contextual_quick.sqlite"
+    assert quick.figures == tmp_path / "runs" / "bfloat16" / "figures" / "quick"
+    gemma = build_ws(tmp_path, model="gemma-3-270m", size="paper", dtype="bfloat16")
+    assert gemma.results == tmp_path / "results" / "gemma-3-270m" / "bfloat16"
+    assert gemma.figures == tmp_path / "figures" / "gemma-3-270m" / "bfloat16"
+    assert gemma.committed_figures == tmp_path / "figures" / "gemma-3-270m"
+    for bad in ("int8", None, "float64"):
+        with pytest.raises(ValueError, match=r"\['bfloat16', 'float16', 'float32'\]"):
+            build_ws(tmp_path, dtype=bad)
+    assert Workspace.from_env(tmp_path, {"FDLIB_DTYPE": "bf16"}).dtype == "bfloat16"
+    assert Workspace.from_env(tmp_path, {"FDLIB_DTYPE": ""}).dtype == "float32"
+    assert Workspace.from_env(tmp_path, {}).dtype == "float32"
+    with pytest.raises(ValueError, match="int8"):
+        Workspace.from_env(tmp_path, {"FDLIB_DTYPE": "int8"})
+    # a bfloat16 run never reuses a float32 kept result
+    assert f32.keep("07_bias_shares", lambda: {"x": 1}) == {"x": 1}
+    assert bf16.keep("07_bias_shares", lambda: {"x": 2}) == {"x": 2}
+
+
+def test_committed_rows_name_no_dtype_and_read_as_float32():
+    """Every committed row was made in float32 before the dtype was a setting: its setup names no
+    dtype, its setup_sha is still the hash of that setup, and the reader calls it float32."""
+    root = Path(__file__).resolve().parents[1]
+    path = Workspace(fdlib.DEFAULT_MODEL, "paper", root=root).store("01_contextual")
+    with load_results(path) as db:
+        rows = list(db.rows(arrays=False))
+    assert rows and all("dtype" not in r.record["setup"] and study._sha(r.record["setup"]) == r.setup_sha for r in rows)
+    assert set(study_frame(path).dtype) == {"float32"}
+    kept = json.loads((path.parent / "07_bias_shares.json").read_text())["setup"]
+    assert "dtype" not in kept and study.setup_dtype(kept) == "float32"
+
+
 def test_keep_computes_once_then_renders_the_committed_copy(tmp_path):
     calls = []
     ws = build_ws(tmp_path, size="paper", recompute=True)
@@ -166,9 +213,10 @@ def test_progress_ledger_and_status(tiny, tmp_path):
     with gzip.open(written[0], "rt") as f:
         assert all("arrays" in json.loads(line) and not json.loads(line)["arrays"] for line in f)  # EM grid: no arrays
     manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
-    assert manifest["studies"]["02_split_softmax"]["rows"] == 27
+    assert manifest["studies"]["02_split_softmax"]["rows"] == 27 and manifest["dtype"] == "float32"
+    assert manifest["studies"]["02_split_softmax"]["dtype"] == "float32"
     md = results_markdown(tmp_path / "results")
-    assert "| 02_split_softmax | 27 / 27 |" in md
+    assert "| 02_split_softmax | float32 | 27 / 27 |" in md and "in float32" in md
     # another machine continues the committed run: its working store starts from the file
     committed = written[0].read_bytes()
     store.unlink()
@@ -267,7 +315,7 @@ def test_findings_size_and_ledger_in_readme(tmp_path):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "notebooks" / "02_split_softmax.ipynb").write_text("{}")
     record_findings("02_split_softmax", [{"finding": "EM", "value": 0.5, "lo": 0.4, "hi": 0.6, "n": 200}],
-                    tmp_path / "figures", size="paper")
+                    tmp_path / "figures", size="paper", dtype="float32")
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "manifest.json").write_text(json.dumps({
         "model": "m", "command": "./dev figures paper  (x)", "machine": {"cpus": 2, "platform": "p"},
@@ -281,10 +329,12 @@ def test_findings_size_and_ledger_in_readme(tmp_path):
     readme.write_text("x\n<!-- gallery:start -->\n<!-- gallery:end -->\ny\n")
     assert update_readme(readme, tmp_path / "figures", tmp_path / "notebooks", tmp_path / "results")
     text = readme.read_text()
-    assert "| 0.50 | [0.40, 0.60] | 200 | paper |" in text
+    assert "| 0.50 | [0.40, 0.60] | 200 | paper, float32 |" in text
+    assert "| 0.10 |  | 6 | quick, float32 |" in text  # a findings file without a dtype: float32
     assert "**[`02_split_softmax`](notebooks/02_split_softmax.ipynb)** — size `paper`, n up to 200\n" in text
     assert "— size `quick`, n up to 6 (not yet rendered at `paper` size" in text  # says why it rests on fewer
-    assert "| 02_split_softmax | 5 / 10 (running) | 2.0 h | 1.0 MiB | 0.50 MiB |" in text
+    assert "| 02_split_softmax | float32 | 5 / 10 (running) | 2.0 h | 1.0 MiB | 0.50 MiB |" in text  # no dtype: float32
+    assert "Paper-size run of `m` in float32" in text
 
 
 def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
@@ -294,15 +344,15 @@ def test_run_notebook_computes_at_paper_size_in_the_notebook_folder(tmp_path):
         nbformat.v4.new_markdown_cell("# a"),
         nbformat.v4.new_code_cell("import os, json\nfrom fdlib.runs.workspace import Workspace\nws = Workspace.from_env()"),
         nbformat.v4.new_code_cell("json.dump([ws.size, ws.recompute, list(ws.shard), os.getcwd(), "
-                                  "os.environ.get('OMP_NUM_THREADS')], open('out.json', 'w'))"),
+                                  "os.environ.get('OMP_NUM_THREADS'), ws.dtype], open('out.json', 'w'))"),
     ])
     path = tmp_path / "nbs" / "09_probe.ipynb"
     path.parent.mkdir()
     nbformat.write(nb, path)
-    ws = build_ws(tmp_path, size="paper", recompute=True, shard=(1, 3))
+    ws = build_ws(tmp_path, size="paper", recompute=True, shard=(1, 3), dtype="bfloat16")
     paper.run_notebook(path, ws, threads=1)
-    size, recompute, shard, cwd, threads = json.loads((path.parent / "out.json").read_text())
-    assert (size, recompute, shard, Path(cwd), threads) == ("paper", True, [1, 3], path.parent, "1")
+    size, recompute, shard, cwd, threads, dtype = json.loads((path.parent / "out.json").read_text())
+    assert (size, recompute, shard, Path(cwd), threads, dtype) == ("paper", True, [1, 3], path.parent, "1", "bfloat16")
     assert "# a" not in paper.notebook_script(path)  # code cells only
 
 
@@ -332,3 +382,40 @@ def test_stopping_the_run_stops_the_notebook(tmp_path):
     time.sleep(0.5)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # the notebook's process is gone too
+
+
+def test_dtype_on_the_command_line_picks_its_workspace_and_ledger(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+
+    from fdlib import __main__ as cli
+
+    ap = cli.parser()
+    assert ap.parse_args(["paper", "status", "--dtype", "bfloat16"]).dtype == "bfloat16"
+    assert ap.parse_args(["paper", "status"]).dtype is None  # FDLIB_DTYPE, else float32
+    assert ap.parse_args(["sweep"]).dtype == "float32" and ap.parse_args(["train", "--out", "x"]).dtype == "float32"
+    assert ap.parse_args(["reproduce", "--dtype", "float16"]).dtype == "float16"
+    with pytest.raises(SystemExit):
+        ap.parse_args(["sweep", "--dtype", "int8"])
+    assert cli._runs_file(None, "sweep.sqlite", "bfloat16") == str(Path("runs") / "bfloat16" / "sweep.sqlite")
+    assert cli._runs_file(None, "sweep.sqlite", "float32") == str(Path("runs") / "sweep.sqlite")
+    out = subprocess.run([sys.executable, "-m", "fdlib", "paper", "status", "--help"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1])
+    assert "--dtype {float32,bfloat16,float16}" in out.stdout
+    # `paper export --dtype bfloat16` writes that dtype's ledger, beside (not over) float32's
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # paper() reroutes SIGTERM: not in the test process
+    monkeypatch.delenv("FDLIB_DTYPE", raising=False)
+    ws = build_ws(tmp_path, size="paper", recompute=True, dtype="bfloat16")
+    with Store(ws.store("02_split_softmax")) as db:
+        db.note_progress("s", expected=4, done=4, seconds=10.0, computed=4)
+    cli.main(["paper", "export", "--only", "02", "--dtype", "bfloat16", "--root", str(tmp_path)])
+    manifest = json.loads((tmp_path / "results" / "bfloat16" / "manifest.json").read_text())
+    assert manifest["dtype"] == "bfloat16" and manifest["studies"]["02_split_softmax"]["dtype"] == "bfloat16"
+    assert manifest["command"].startswith("FDLIB_DTYPE=bfloat16 ./dev figures paper")
+    assert not (tmp_path / "results" / "manifest.json").exists()
+    md = results_markdown(tmp_path / "results" / "bfloat16")
+    assert "| 02_split_softmax | bfloat16 | 4 / 4 |" in md and "in bfloat16" in md
+    monkeypatch.setenv("FDLIB_DTYPE", "bfloat16")  # the notebooks' switch is the default
+    cli.main(["paper", "export", "--only", "02", "--root", str(tmp_path)])
+    assert not (tmp_path / "results" / "manifest.json").exists()

@@ -301,3 +301,74 @@ def test_task_samples_are_their_own_groups(tiny, tmp_path):
     kw = dict(heads={"contextual": RANKED}, progress=False, max_new_tokens=3)
     first = run_study(tiny.model, samples, conds, store=tmp_path / "a.sqlite", shard=(0, 3), **kw)
     assert set(first.sample_id) == {"niah/30/s0/0"}
+
+
+# --- the dtype in a row's setup ----------------------------------------------------------------
+
+
+def _bf16_twin(tiny):
+    """A bridge over a copy of the tiny model's weights, in bfloat16."""
+    from conftest import build_llama_config, build_tokenizer
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM(build_llama_config()).eval()
+    hf.load_state_dict(tiny.hf.state_dict())  # the reference copy: the same weights as the tiny bridge
+    return fdlib.load_model(hf, build_tokenizer(), dtype="bf16")
+
+
+def test_a_float32_setup_names_no_dtype_and_hashes_as_before(tiny):
+    """Pinned: the setup a float32 row had before the dtype was a setting, built here by its
+    recipe, is the one `_plan` gives now, with the same setup_sha (so every committed row stays valid)."""
+    import hashlib
+    import json
+
+    from fdlib.core.heads import labels
+    from fdlib.study import runner
+
+    s = StudySample(fake_samples(1)[0])
+    conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2)]
+    planned = runner._plan(tiny.model, s, conds, {"contextual": RANKED}, {}, 6)
+    for p, heads in zip(planned, ([], RANKED[:2])):
+        before = {**runner.model_fingerprint(tiny.model), "prompt_sha": s.fingerprint, "max_new_tokens": 6,
+                  "decoding": runner.DECODING, "condition": p.condition.key, "heads": sorted(labels(heads))}
+        if p.condition.is_reweight:
+            span = s.spans()[p.condition.span]
+            before["span"] = [span.start, span.end]
+        assert p.setup == before and "dtype" not in p.setup
+        assert p.setup_sha == hashlib.sha1(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+        assert runner.setup_dtype(p.setup) == "float32"
+    assert runner.dtype_setup(tiny.model) == {}
+
+
+def test_a_bfloat16_row_names_its_dtype_and_is_not_a_float32_row(tiny, tmp_path):
+    from fdlib.core.store import Row
+    from fdlib.experiments import compare
+    from fdlib.study import runner
+
+    bf16 = _bf16_twin(tiny)
+    s = StudySample(fake_samples(1)[0])
+    conds = [Condition.baseline(), Condition.split(0.1, "contextual", 2)]
+    ours = runner._plan(bf16, s, conds, {"contextual": RANKED}, {}, 6)
+    theirs = runner._plan(tiny.model, s, conds, {"contextual": RANKED}, {}, 6)
+    for a, b in zip(ours, theirs):
+        assert a.setup["dtype"] == "bfloat16" and runner.setup_dtype(a.setup) == "bfloat16"
+        assert a.setup_sha != b.setup_sha
+        assert {k: v for k, v in a.setup.items() if k not in ("dtype", "model_sha")} == \
+            {k: v for k, v in b.setup.items() if k != "model_sha"}
+    # a store of float32 rows refuses a bfloat16 run, naming the dtype (before any forward)
+    store = tmp_path / "s.sqlite"
+    kw = dict(heads={"contextual": RANKED}, store=store, progress=False, max_new_tokens=4)
+    frame = run_study(tiny.model, fake_samples(2), conds, **kw)
+    assert list(frame.dtype) == ["float32"] * 4 and "dtype" in frame.columns
+    with pytest.raises(ValueError, match="dtype: stored None, now 'bfloat16'"):
+        run_study(bf16, fake_samples(2), conds, **kw)
+    # study_frame's dtype column: the setup's, float32 where it names none
+    with Store(store) as db:
+        db.put([Row("other", "baseline|long", "x", {"condition": "baseline|long", "metric": "em", "score": 0.0,
+                                                     "setup": {"dtype": "bfloat16"}}, {})])
+    got = study_frame(store).set_index(["sample_id", "condition"]).dtype
+    assert got[("other", "baseline|long")] == "bfloat16" and (got.drop(("other", "baseline|long")) == "float32").all()
+    # a kept result's setup follows the same rule
+    samples, heads = fake_samples(1), RANKED[:2]
+    assert "dtype" not in compare.prior_setup(tiny.model, samples, {}, heads, {})
+    assert compare.prior_setup(bf16, samples, {}, heads, {})["dtype"] == "bfloat16"

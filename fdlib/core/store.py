@@ -47,6 +47,10 @@ CREATE TABLE IF NOT EXISTS progress (
 )
 """
 RESULTS_SUFFIX = ".jsonl.gz"
+# The dtype of a row, kept result, results file, ledger entry or findings file that names none. A
+# float32 setup names no dtype, so every row made before the dtype was a setting (all float32)
+# keeps its setup_sha; every other dtype is named (`fdlib.study.runner.dtype_setup`).
+BASE_DTYPE = "float32"
 
 
 @dataclass(frozen=True)

@@ -227,11 +227,13 @@ def prior_setup(
     model: TransformerBridge, samples: Sequence[Any], directions: Mapping[str, FocusDirections], heads: Sequence[Head],
     alphas: Mapping[str, float], *, first: int = 200,
 ) -> dict[str, Any]:
-    """Everything that determines `position_prior`'s shares: model, probes, heads, each set's
-    directions and alpha, and the width of the early window."""
-    from fdlib.study.runner import directions_sha, model_fingerprint
+    """Everything that determines `position_prior`'s shares: model, its dtype (named unless
+    float32, as in a row's setup), probes, heads, each set's directions and alpha, and the width
+    of the early window."""
+    from fdlib.study.runner import directions_sha, dtype_setup, model_fingerprint
 
-    return {**model_fingerprint(model), "samples": [s.id for s in samples], "heads": [f"L{l}H{h}" for l, h in heads],
+    return {**model_fingerprint(model), **dtype_setup(model), "samples": [s.id for s in samples],
+            "heads": [f"L{l}H{h}" for l, h in heads],
             "directions": {name: directions_sha(d) for name, d in sorted(directions.items())},
             "alphas": {name: float(alphas[name]) for name in sorted(directions)}, "first": first}
 

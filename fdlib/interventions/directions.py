@@ -45,7 +45,11 @@ FORMAT = "fdlib.focus_directions/1"
 
 @dataclass(frozen=True)
 class FocusDirections:
-    """d_Q and d_K for every head (zeros where untrained), plus what they were made from."""
+    """d_Q and d_K for every head (zeros where untrained), plus what they were made from.
+
+    The vectors may be of any floating dtype; they are applied as `alpha * d` computed in float32
+    and added in the model's dtype (the queries' and the attention logits'), whatever dtype they
+    were trained or stored in (`save` writes float32)."""
 
     d_q: Float[Tensor, "n_layers n_heads d_head"]
     d_k: Float[Tensor, "n_layers n_heads d_head"]

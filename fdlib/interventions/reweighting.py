@@ -91,12 +91,13 @@ def reweight_rows(
     a = torch.where(pi > 0, t / pi.clamp_min(1e-300), torch.zeros_like(pi))
     b = torch.where(pi < 1, (1 - t) / (1 - pi).clamp_min(1e-300), torch.zeros_like(pi))
     out = pat * torch.where(inside, a, b)
+    # computed for every row, used where the span holds nothing: no branch on the values, so
+    # nothing is read back from the device
     empty = (pi <= 0) & (t > 0)
-    if bool(empty.any()):
-        seen = inside if visible is None else inside & visible.to(torch.bool).expand_as(pat)
-        seen = seen.to(pat.dtype)
-        n_seen = seen.sum(-1, keepdim=True)
-        uniform = t * seen / n_seen.clamp_min(1) + (1 - t) * pat
-        out = torch.where(empty & (n_seen > 0), uniform, out)
-        out = torch.where(empty & (n_seen == 0), pat, out)
+    seen = inside if visible is None else inside & visible.to(torch.bool).expand_as(pat)
+    seen = seen.to(pat.dtype)
+    n_seen = seen.sum(-1, keepdim=True)
+    uniform = t * seen / n_seen.clamp_min(1) + (1 - t) * pat
+    out = torch.where(empty & (n_seen > 0), uniform, out)
+    out = torch.where(empty & (n_seen == 0), pat, out)
     return out.to(pattern.dtype)

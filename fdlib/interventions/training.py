@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -32,7 +32,7 @@ from fdlib.core.store import atomic_write
 from fdlib.interventions.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
 from fdlib.model import arch
 from fdlib.model.decoding import hooks
-from fdlib.model.loading import model_name
+from fdlib.model.loading import dtype_name, model_dtype, model_name
 
 Loss = Literal["relevant", "contrast"]
 LOSSES: tuple[str, ...] = ("relevant", "contrast")
@@ -78,6 +78,11 @@ class HeadActivations:
     @property
     def nbytes(self) -> int:
         return self.q.numel() * self.q.element_size() + self.k.numel() * self.k.element_size()
+
+    def to(self, device: Any) -> HeadActivations:
+        if self.q.device == torch.device(device):
+            return self
+        return replace(self, q=self.q.to(device), k=self.k.to(device))
 
 
 def _run_response(model: TransformerBridge, ids: Tensor, response_start: int) -> tuple[dict[int, Tensor], Any]:
@@ -199,7 +204,8 @@ class ActivationCache:
 
     Keys are stored per KV head (grouped-query attention shares them), in `dtype` (float16 by
     default: half the disk; the score it gives matches the model's within ~1e-3).
-    Layout: `root / <model> / <training_set> / <example id>.safetensors`.
+    Layout: `root / <model>[ / <model dtype>] / <training_set> / <example id>.safetensors`, the
+    model's dtype named unless float32 (the activations a bfloat16 model makes are its own).
     """
 
     def __init__(self, root: str | Path, model: TransformerBridge, training_set: TrainingSet, dtype: torch.dtype = torch.float16) -> None:
@@ -208,7 +214,8 @@ class ActivationCache:
         self.model = model
         self.training_set = training_set
         self.dtype = dtype
-        self.dir = Path(root) / _slug(model_name(model)) / training_set
+        made_in = dtype_name(model_dtype(model))
+        self.dir = Path(root) / _slug(model_name(model)) / ("" if made_in == "float32" else made_in) / training_set
 
     def path(self, example_id: str) -> Path:
         return self.dir / f"{_slug(example_id)}.safetensors"
@@ -425,13 +432,14 @@ def span_score_settings(model: TransformerBridge, heads: Sequence[Head], placeme
     facts = check_trainable(model, placement)
     chosen = check_heads(model, heads)
     layers = [facts.layers[l] for l, _ in chosen]
-    out: dict[str, Any] = {"scale": torch.tensor([lf.scaling for lf in layers])}
+    like = like if like is not None else torch.zeros(1)
+    device = like.device
+    out: dict[str, Any] = {"scale": torch.tensor([lf.scaling for lf in layers], device=device)}
     if any(lf.softcap for lf in layers):
-        out["softcap"] = torch.tensor([lf.softcap or 0.0 for lf in layers])
+        out["softcap"] = torch.tensor([lf.softcap or 0.0 for lf in layers], device=device)
     if any(lf.window for lf in layers):
-        out["window"] = torch.tensor([lf.window or 0 for lf in layers])
+        out["window"] = torch.tensor([lf.window or 0 for lf in layers], device=device)
     if placement == "pre_rope" and facts.rope:
-        like = like if like is not None else torch.zeros(1)
         rotary = arch.RotaryTable(model.original_model)
         cs = [rotary(l, n_pos, like) for l, _ in chosen]
         out["rotation"] = (torch.stack([c for c, _ in cs]), torch.stack([s for _, s in cs]))
@@ -466,7 +474,10 @@ def train_focus_directions(
     S_C - S_IRmax (`loss="contrast"`), AdamW, one step per sample, samples in a seeded order each
     epoch (the paper's settings as defaults). `max_norm` bounds each head's |d_Q| and |d_K|:
     after every step a direction longer than it is scaled back onto the sphere of that radius.
-    The scores reported before and after are S_C whatever the loss."""
+    The scores reported before and after are S_C whatever the loss.
+
+    Training runs on the model's device, in float32 whatever the model's dtype (the cached
+    activations are read in float32); the loss is read back once per epoch."""
     from tqdm.auto import tqdm
 
     if loss not in LOSSES:
@@ -488,9 +499,11 @@ def train_focus_directions(
                              f"written without them: rebuild it)")
     objective = contrast_score if loss == "contrast" else span_score
     d = model.cfg.d_head
+    device = next(model.original_model.parameters()).device
+    like = torch.zeros(1, device=device)
     gen = torch.Generator().manual_seed(seed)
-    d_q = torch.zeros(len(chosen), d, requires_grad=True)
-    d_k = torch.zeros(len(chosen), d, requires_grad=True)
+    d_q = torch.zeros(len(chosen), d, device=device, requires_grad=True)
+    d_k = torch.zeros(len(chosen), d, device=device, requires_grad=True)
     opt = torch.optim.AdamW([d_q, d_k], lr=lr, weight_decay=weight_decay)
     settings_for: dict[str, dict[str, Any]] = {}
 
@@ -500,11 +513,12 @@ def train_focus_directions(
         T = acts.k.shape[1]
         got = settings_for.get("s")
         if got is None or ("rotation" in got and got["rotation"][0].shape[1] < T):
-            got = span_score_settings(model, chosen, placement, max(T, 2 * (got["rotation"][0].shape[1] if got else 0)))
+            got = span_score_settings(model, chosen, placement, max(T, 2 * (got["rotation"][0].shape[1] if got else 0)), like)
             settings_for["s"] = got
         return got
 
     def score(acts: HeadActivations) -> Tensor:
+        acts = acts.to(device)
         return span_score(acts, d_q, d_k, **score_settings(acts))
 
     def project() -> None:
@@ -514,31 +528,31 @@ def train_focus_directions(
 
     def mean_score() -> Tensor:
         with torch.no_grad():
-            return torch.stack([score(a) for a in activations]).mean(0)
+            return torch.stack([score(a) for a in activations]).mean(0).cpu()
 
     before = mean_score()
     losses = []
     bar = tqdm(total=epochs * len(activations), desc="training focus directions", unit="step", disable=not progress)
     for _ in range(epochs):
         order = torch.randperm(len(activations), generator=gen).tolist()
-        total = 0.0
+        total = torch.zeros((), device=device)
         for i in order:
-            acts = activations[i]
+            acts = activations[i].to(device)
             value = -objective(acts, d_q, d_k, **score_settings(acts)).sum()
             opt.zero_grad()
             value.backward()
             opt.step()
             if max_norm is not None:
                 project()
-            total += float(value.detach()) / len(chosen)
+            total += value.detach() / len(chosen)
             bar.update(1)
-        losses.append(total / len(activations))
+        losses.append(float(total) / len(activations))
         bar.set_postfix(loss=losses[-1])
     bar.close()
     shape = (model.cfg.n_layers, model.cfg.n_heads, d)
     full_q, full_k = torch.zeros(shape), torch.zeros(shape)
     for c, (l, h) in enumerate(chosen):
-        full_q[l, h], full_k[l, h] = d_q.detach()[c], d_k.detach()[c]
+        full_q[l, h], full_k[l, h] = d_q.detach()[c].cpu(), d_k.detach()[c].cpu()
     settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed, "loss": loss,
                 "max_norm": max_norm, "heads": [f"L{l}H{h}" for l, h in chosen], "n_samples": len(activations)}
     dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)

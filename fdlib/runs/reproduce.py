@@ -3,6 +3,7 @@ the README's gallery and findings from the committed results.
 
     python -m fdlib reproduce                  # paper size, rendered from results/ (minutes)
     python -m fdlib reproduce --size quick     # computes a small run into runs/ (CI's size)
+    python -m fdlib reproduce --dtype bfloat16 # the bfloat16 results (results/bfloat16/) into figures/bfloat16/
 
 At `paper` the notebooks read the committed results files and decode nothing; a notebook whose
 results are not committed yet is skipped, naming them (`python -m fdlib paper run` computes them).
@@ -29,11 +30,14 @@ def missing_results(notebook: str, ws: Workspace) -> list[Path]:
     return [p for p in (committed_file(ws, n) for n in names) if not p.exists()]
 
 
-def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = None) -> None:
+def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = None, dtype: str | None = None) -> None:
+    """Execute the notebooks in place at `size`, with `dtype` (default: `FDLIB_DTYPE` as it is)."""
     import nbformat
     from nbclient import NotebookClient
 
     os.environ["FDLIB_SIZE"] = str(size)  # inherited by the kernels: the notebooks' one size switch
+    if dtype is not None:
+        os.environ["FDLIB_DTYPE"] = dtype
     for path in notebooks:
         start = time.time()
         nb = nbformat.read(path, as_version=4)
@@ -41,9 +45,10 @@ def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = 
         sys.stderr.write(f"{path.name}: done in {time.time() - start:.0f} s\n")
 
 
-def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = ()) -> None:
-    """Run `only` (default: every numbered notebook in `notebooks`) at `size`; at `paper`, only the
-    notebooks whose results are committed, then regenerate the README's gallery and findings."""
+def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = (), dtype: str | None = None) -> None:
+    """Run `only` (default: every numbered notebook in `notebooks`) at `size` in `dtype` (default:
+    `FDLIB_DTYPE`, else float32); at `paper`, only the notebooks whose results are committed, then
+    regenerate the README's gallery and findings."""
     from fdlib.data.nq import parse_size
     from fdlib.views.gallery import update_readme
 
@@ -51,7 +56,8 @@ def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = (
     if not chosen:
         raise SystemExit(f"no notebooks found in {notebooks}")
     size = parse_size(str(size))
-    ws = Workspace.from_env(root=notebooks.parent, environ={**os.environ, "FDLIB_SIZE": str(size)})
+    overrides = {"FDLIB_SIZE": str(size), **({} if dtype is None else {"FDLIB_DTYPE": dtype})}
+    ws = Workspace.from_env(root=notebooks.parent, environ={**os.environ, **overrides})
     if ws.rendering:
         ready = []
         for path in chosen:
@@ -62,6 +68,6 @@ def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = (
             else:
                 ready.append(path)
         chosen = ready
-    run_notebooks(chosen, size)
+    run_notebooks(chosen, size, dtype=ws.dtype)
     if size == PAPER and (notebooks.parent / "README.md").exists():
         update_readme(notebooks.parent / "README.md", notebooks.parent / "figures", notebooks, notebooks.parent / "results")

@@ -1,15 +1,19 @@
-"""Where a notebook's studies keep their rows and write their figures, for one model and size.
+"""Where a notebook's studies keep their rows and write their figures, for one model, dtype and size.
 
-- `quick`, `full` or a count: stores `runs/[<model>/]<name>_<size>.sqlite`, figures and findings
-  `runs/[<model>/]figures/<size>/`. A CI run (`quick`) never touches the committed gallery.
-- `paper`: figures and findings in `figures/[<model>/]` (the README's gallery). Its studies read
-  the committed results files `results/[<model>/]<name>.jsonl.gz`, read-only: the notebooks
-  render from them and decode nothing. With `recompute`, the studies run (resuming) into
-  `runs/[<model>/]paper/<name>.sqlite` (one store per shard when sharded), which
-  `python -m fdlib paper export` turns into the results files.
+- `quick`, `full` or a count: stores `runs/[<model>/][<dtype>/]<name>_<size>.sqlite`, figures and
+  findings `runs/[<model>/][<dtype>/]figures/<size>/`. A CI run (`quick`) never touches the
+  committed gallery.
+- `paper`: figures and findings in `figures/[<model>/][<dtype>/]` (the README's gallery). Its
+  studies read the committed results files `results/[<model>/][<dtype>/]<name>.jsonl.gz`,
+  read-only: the notebooks render from them and decode nothing. With `recompute`, the studies
+  run (resuming) into `runs/[<model>/][<dtype>/]paper/<name>.sqlite` (one store per shard when
+  sharded), which `python -m fdlib paper export` turns into the results files.
 
-`[<model>/]` is empty for the default model. `Workspace.from_env()` reads the notebooks' switches:
-`FDLIB_MODEL`, `FDLIB_SIZE` (default quick), `FDLIB_RECOMPUTE=1`, `FDLIB_SHARD=i/n`.
+`[<model>/]` is empty for the default model and `[<dtype>/]` for float32, so rows of two dtypes
+never share a store, results file or table. The committed focus directions are the model's, in
+`figures/[<model>/]data/`, whatever the dtype. `Workspace.from_env()` reads the notebooks'
+switches: `FDLIB_MODEL`, `FDLIB_DTYPE` (float32, bfloat16 or float16; default float32),
+`FDLIB_SIZE` (default quick), `FDLIB_RECOMPUTE=1`, `FDLIB_SHARD=i/n`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fdlib.core.store import RESULTS_SUFFIX, atomic_write, check_shard
+from fdlib.core.store import BASE_DTYPE, RESULTS_SUFFIX, atomic_write, check_shard
 from fdlib.data.nq import SIZES, parse_size, sized
 
 PAPER = "paper"
@@ -42,18 +46,26 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Workspace:
-    """One model and size: the paths its studies and figures use (see the module docstring)."""
+    """One model, dtype and size: the paths its studies and figures use (see the module
+    docstring). `dtype` is what the notebooks load the model in (`load_model(..., dtype=WS.dtype)`):
+    a name or alias ("bf16") or a torch dtype, kept as its canonical name ("bfloat16")."""
 
     model: str
     size: str | int = "quick"
     recompute: bool = False
     shard: tuple[int, int] = (0, 1)
     root: Path = Path("..")
+    dtype: str = BASE_DTYPE
 
     def __post_init__(self) -> None:
+        from fdlib.model.loading import DTYPES, dtype_name, resolve_dtype
+
         sized(SIZES, self.size)  # a size name or a positive count, else a ValueError naming them
         if check_shard(self.shard)[1] > 1 and self.rendering:
             raise ValueError("a sharded run computes: set recompute=True (FDLIB_RECOMPUTE=1) with a shard")
+        if self.dtype is None:  # load_model's "the checkpoint's own": not a folder of results
+            raise ValueError(f"a workspace's dtype is one of {sorted(DTYPES)}, got None")
+        object.__setattr__(self, "dtype", dtype_name(resolve_dtype(self.dtype)))
         object.__setattr__(self, "root", Path(self.root))
 
     @classmethod
@@ -70,6 +82,7 @@ class Workspace:
             recompute=flag in ("1", "true", "yes"),
             shard=parse_shard(env.get("FDLIB_SHARD") or "0/1"),
             root=root,
+            dtype=env.get("FDLIB_DTYPE") or BASE_DTYPE,
         )
 
     @property
@@ -81,32 +94,43 @@ class Workspace:
     def sharded(self) -> bool:
         return self.shard[1] > 1
 
-    def _under(self, top: str) -> Path:
+    @property
+    def torch_dtype(self) -> Any:
+        """`dtype` as a torch dtype."""
+        from fdlib.model.loading import DTYPES
+
+        return DTYPES[self.dtype]
+
+    def _under(self, top: str, *, by_dtype: bool = True) -> Path:
+        """`<root>/<top>/[<model>/][<dtype>/]`: the model's folder, then the dtype's unless float32."""
         from fdlib.model.loading import DEFAULT_MODEL
 
         base = self.root / top
-        return base if self.model == DEFAULT_MODEL else base / model_slug(self.model)
+        base = base if self.model == DEFAULT_MODEL else base / model_slug(self.model)
+        return base / self.dtype if by_dtype and self.dtype != BASE_DTYPE else base
 
     @property
     def results(self) -> Path:
-        """The committed results folder of this model."""
+        """The committed results folder of this model and dtype."""
         return self._under("results")
 
     @property
     def runs(self) -> Path:
-        """This model's working stores (not committed)."""
+        """This model's and dtype's working stores (not committed)."""
         return self._under("runs")
 
     @property
     def committed_figures(self) -> Path:
-        """The gallery's folder for this model; the committed directions files are in its `data/`."""
-        return self._under("figures")
+        """The gallery's folder for this model (its float32 figures); the committed directions
+        files, which a run in any dtype applies, are in its `data/`."""
+        return self._under("figures", by_dtype=False)
 
     @property
     def figures(self) -> Path:
-        """Where this run writes figures and findings: the gallery only at `paper`, unsharded."""
+        """Where this run writes figures and findings: the gallery only at `paper`, unsharded (in a
+        folder of its own for a dtype other than float32)."""
         if self.size == PAPER and not self.sharded:
-            return self.committed_figures
+            return self._under("figures")
         tag = f"{self.size}-shard-{self.shard[0]}-of-{self.shard[1]}" if self.sharded else str(self.size)
         return self.runs / "figures" / tag
 

@@ -4,8 +4,10 @@ Per sample: one prefill per input variant, then every pending condition decoded 
 prefix, in batches of rows sharing the prompt's KV cache (`fdlib.interventions.engine`), each row recording
 every head's attention on the sample's named spans; the sample's rows (all its variants) are
 written in one transaction. A rerun skips the rows already stored, and refuses a stored row that
-another setup made (another prompt, model, head set, directions file, parameter or decoding),
-naming what differs. `shard=(i, n)` takes samples i, i+n, ... (one job of a cluster array).
+another setup made (another prompt, model, dtype, head set, directions file, parameter or
+decoding), naming what differs. A setup without "dtype" is float32: that of every row made before
+the dtype was a setting, whose `setup_sha` a float32 run still gives (`dtype_setup`).
+`shard=(i, n)` takes samples i, i+n, ... (one job of a cluster array).
 
 `study_frame` is the one reader: a store -> one DataFrame row per (sample, condition).
 """
@@ -29,12 +31,12 @@ from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.core.heads import Head, check_heads, labels
 from fdlib.core.spans import Span
-from fdlib.core.store import Row, Store, check_shard, open_store
+from fdlib.core.store import BASE_DTYPE, Row, Store, check_shard, open_store
 from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.engine import Job, decode_jobs, first_row_scores
 from fdlib.interventions.row import RowIntervention, intervene
 from fdlib.model.decoding import Prefix, check_length, decode, prefill
-from fdlib.model.loading import model_name
+from fdlib.model.loading import dtype_name, model_dtype, model_name
 from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
 from fdlib.study.scores import KINDS, kind_scores
 
@@ -143,6 +145,21 @@ def model_fingerprint(model: TransformerBridge) -> dict[str, str]:
         got = {"model": model_name(model), "model_sha": h.hexdigest()[:16]}
         model.__dict__["_fdlib_fingerprint"] = got
     return got
+
+
+def dtype_setup(model: TransformerBridge) -> dict[str, str]:
+    """The setup entry naming the dtype the model computes in: `{"dtype": "bfloat16"}`, and none
+    for float32, so a float32 setup hashes as every row made before the dtype was a setting did.
+    Read back by `setup_dtype`. Computed from the weights on each call (a bridge may be cast after
+    its fingerprint was cached)."""
+    name = dtype_name(model_dtype(model))
+    return {} if name == BASE_DTYPE else {"dtype": name}
+
+
+def setup_dtype(setup: Mapping[str, Any]) -> str:
+    """The dtype a row (or a kept result) was computed in, from its setup: float32 where it names
+    none (`dtype_setup`)."""
+    return str(setup.get("dtype", BASE_DTYPE))
 
 
 def directions_sha(d: FocusDirections) -> str:
@@ -260,8 +277,11 @@ def _check(model, samples, conditions, rankings, directions, max_new_tokens) -> 
 
 
 def _plan(model, sample, conditions, rankings, directions, max_new_tokens) -> list[_Planned]:
-    base = {**model_fingerprint(model), "prompt_sha": sample.fingerprint, "max_new_tokens": max_new_tokens,
-            "decoding": DECODING}
+    """The sample's conditions with the setup of each row (what its `setup_sha` hashes): model and
+    weights, dtype (`dtype_setup`: absent for float32), prompt tokens, decoding, condition, the
+    heads used, the directions' content and the reweighted span."""
+    base = {**model_fingerprint(model), **dtype_setup(model), "prompt_sha": sample.fingerprint,
+            "max_new_tokens": max_new_tokens, "decoding": DECODING}
     out = []
     L, H = model.cfg.n_layers, model.cfg.n_heads
     for c in conditions:
@@ -477,8 +497,9 @@ def study_frame(
     samples: Sequence[Any] | None = None,
 ) -> pd.DataFrame:
     """One row per (sample, condition): the record's fields (the setup flattened into `model`,
-    `model_sha`, `prompt_sha`, ...), `em` where the metric is EM, and one `{kind}_score` column
-    per stored score kind (`[n_layers, n_heads]` arrays; None where a kind is undefined).
+    `model_sha`, `prompt_sha`, ...), `dtype` (`setup_dtype`: float32 where the setup names none),
+    `em` where the metric is EM, and one `{kind}_score` column per stored score kind
+    (`[n_layers, n_heads]` arrays; None where a kind is undefined).
     `conditions` / `samples` restrict it to those (and to the samples' current prompts)."""
     keys = None if conditions is None else [c.key if isinstance(c, Condition) else c for c in conditions]
     wanted = None
@@ -492,6 +513,7 @@ def study_frame(
                 continue
             rec = {k: v for k, v in r.record.items() if k != "setup"}
             row = {"sample_id": r.sample_id, **rec, **{k: v for k, v in setup.items() if k not in rec}}
+            row["dtype"] = setup_dtype(setup)
             if rec.get("metric") == "em":
                 row["em"] = bool(rec["score"])
             for kind in KINDS:

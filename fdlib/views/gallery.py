@@ -11,17 +11,19 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fdlib.core.store import atomic_write
+from fdlib.core.store import BASE_DTYPE, atomic_write
 
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
 
 
 def record_findings(notebook: str, findings: list[dict[str, Any]], directory: str | Path = "figures",
-                    *, size: str | int | None = None) -> Path:
+                    *, size: str | int | None = None, dtype: str | None = None) -> Path:
     """Write a notebook's headline numbers to `<directory>/data/<notebook>_findings.json`.
 
     Each finding: `finding` (text) and `value`, optionally `lo`, `hi` (a 95% interval), `n`.
-    `size` is the run's size (`paper`, `quick`, a count), shown beside them in the gallery.
+    `size` is the run's size (`paper`, `quick`, a count) and `dtype` the model's ("float32",
+    "bfloat16", ...: `Workspace.dtype`), shown beside them in the gallery ("paper, float32"); a
+    findings file without a dtype reads as float32.
     """
     if not re.fullmatch(r"\d\d_[a-z0-9_]+", notebook):
         raise ValueError(f"notebook must look like '01_contextual_heads', got {notebook!r}")
@@ -37,7 +39,8 @@ def record_findings(notebook: str, findings: list[dict[str, Any]], directory: st
             row["n"] = int(f["n"])
         rows.append(row)
     path = Path(directory) / "data" / f"{notebook}_findings.json"
-    head = {"notebook": notebook} if size is None else {"notebook": notebook, "size": str(size)}
+    head = {"notebook": notebook, **({} if size is None else {"size": str(size)}),
+            **({} if dtype is None else {"dtype": str(dtype)})}
     text = json.dumps({**head, "findings": rows}, indent=1)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -46,16 +49,22 @@ def _fmt(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def run_label(findings: dict[str, Any]) -> str:
+    """What a findings file rests on, as the gallery shows it: its size and dtype ("paper, float32";
+    float32 where the file names no dtype, "?" for a size it does not name)."""
+    return f"{findings.get('size', '?')}, {findings.get('dtype', BASE_DTYPE)}"
+
+
 def _findings_table(figures: Path, notebooks: Path, prefix: str, link: str) -> list[str]:
     rows = []
     for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
         data = figures / "data" / f"{nb.stem}_findings.json"
         if data.exists():
             got = json.loads(data.read_text(encoding="utf-8"))
-            rows += [(nb.stem, got.get("size", "?"), f) for f in got["findings"]]
+            rows += [(nb.stem, run_label(got), f) for f in got["findings"]]
     if not rows:
         return []
-    lines = ["| notebook | finding | value | 95% interval | n | size |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| notebook | finding | value | 95% interval | n | size, dtype |", "| --- | --- | --- | --- | --- | --- |"]
     for stem, size, f in rows:
         ci = f"[{_fmt(f['lo'])}, {_fmt(f['hi'])}]" if "lo" in f and "hi" in f else ""
         lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} "
@@ -68,21 +77,24 @@ def _hours(seconds: float) -> str:
 
 
 def results_markdown(results: str | Path = "results") -> str:
-    """The paper-size run's ledger from `results/manifest.json`: per study, the rows stored of
-    those asked for, the wall time, and the sizes of its working store and committed file."""
+    """The paper-size run's ledger from `results/manifest.json`: per study, the dtype of its rows,
+    the rows stored of those asked for, the wall time, and the sizes of its working store and
+    committed file. A study entry (or manifest) that names no dtype is float32."""
     path = Path(results) / "manifest.json"
     if not path.exists():
         return ""
     m = json.loads(path.read_text(encoding="utf-8"))
     machine = m.get("machine", {})
-    lines = [f"Paper-size run of `{m['model']}` (`{m['command'].split('  ')[0]}`), on {machine.get('cpus', '?')} CPUs "
-             f"({machine.get('platform', '?')}):", "",
-             "| study | rows stored / asked for | decoding time (summed over jobs) | working store | committed file |",
-             "| --- | --- | --- | --- | --- |"]
+    run_dtype = m.get("dtype", BASE_DTYPE)
+    lines = [f"Paper-size run of `{m['model']}` in {run_dtype} (`{m['command'].split('  ')[0]}`), on "
+             f"{machine.get('cpus', '?')} CPUs ({machine.get('platform', '?')}):", "",
+             "| study | dtype | rows stored / asked for | decoding time (summed over jobs) | working store | committed file |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(m["studies"].items()):
         done = f"{r['rows']:,} / {r['expected']:,}" if r.get("expected") else "kept (not store rows)"
         state = "" if not r.get("expected") or r["rows"] == r["expected"] else " (running)"
-        lines.append(f"| {name} | {done}{state} | {_hours(r['seconds']) if r.get('seconds') else ''} "
+        hours = _hours(r["seconds"]) if r.get("seconds") else ""
+        lines.append(f"| {name} | {r.get('dtype', run_dtype)} | {done}{state} | {hours} "
                      f"| {r['store_bytes'] / 2**20:.1f} MiB | {r['results_bytes'] / 2**20:.2f} MiB |")
     return "\n".join(lines) + "\n"
 
@@ -108,10 +120,33 @@ def _figure_links(figures: Path, tag: str, prefix: str, rel: str) -> list[str]:
     return out
 
 
+def _other_galleries(figures: Path) -> list[tuple[Path, str | None, str | None]]:
+    """The galleries beside the default model's float32 one, as (folder, model, dtype): the default
+    model's in another dtype (`figures/<dtype>/`), then per other model its float32 one
+    (`figures/<model>/`) and its others (`figures/<model>/<dtype>/`)."""
+    from fdlib.model.loading import DTYPES
+
+    def folders(d: Path) -> list[Path]:
+        return sorted(x for x in d.iterdir() if x.is_dir() and x.name != "data") if d.is_dir() else []
+
+    out: list[tuple[Path, str | None, str | None]] = [(d, None, d.name) for d in folders(figures) if d.name in DTYPES]
+    for d in folders(figures):
+        if d.name not in DTYPES:
+            out += [(d, d.name, None)] + [(x, d.name, x.name) for x in folders(d) if x.name in DTYPES]
+    return out
+
+
+def _gallery_title(model: str | None, dtype: str | None) -> str:
+    on = (f" on `{model}`" if model else "") + (f" in `{dtype}`" if dtype else "")
+    env = " ".join(([f"FDLIB_MODEL={model}"] if model else []) + ([f"FDLIB_DTYPE={dtype}"] if dtype else []))
+    return f"**Findings{on}** (`{env}`)"
+
+
 def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "notebooks", *, prefix: str = "") -> str:
     """Markdown: per notebook, a link and its figures (PNG linking the interactive HTML), then
-    the findings table; then, per other model with results under `figures/<model>/`, its
-    findings and figures. `prefix` is the path from the README to the repository root."""
+    the findings table; then, per other gallery (another dtype in `figures/<dtype>/`, another
+    model in `figures/<model>/`, both in `figures/<model>/<dtype>/`), its findings and figures.
+    `prefix` is the path from the README to the repository root."""
     figures, notebooks = Path(figures), Path(notebooks)
     lines: list[str] = []
     for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
@@ -121,13 +156,14 @@ def gallery_markdown(figures: str | Path = "figures", notebooks: str | Path = "n
         if links:
             lines += links + [""]
     lines += _findings_table(figures, notebooks, prefix, "figures")
-    for other in sorted(d for d in figures.iterdir() if d.is_dir() and d.name != "data") if figures.is_dir() else []:
-        table = _findings_table(other, notebooks, prefix, f"figures/{other.name}")
+    for other, model, dtype in _other_galleries(figures):
+        rel = f"figures/{other.relative_to(figures).as_posix()}"
+        table = _findings_table(other, notebooks, prefix, rel)
         if not table:
             continue
-        lines += [f"**Findings on `{other.name}`** (`FDLIB_MODEL={other.name}`)", ""] + table
+        lines += [_gallery_title(model, dtype), ""] + table
         links = [link for nb in sorted(notebooks.glob("[0-9][0-9]_*.ipynb"))
-                 for link in _figure_links(other, nb.stem[:2], prefix, f"figures/{other.name}")]
+                 for link in _figure_links(other, nb.stem[:2], prefix, rel)]
         if links:
             lines += links + [""]
     return "\n".join(lines).rstrip() + "\n"
