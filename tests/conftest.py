@@ -112,10 +112,12 @@ def fake_samples(n: int, variant: str = "long"):
 # largest logit away from the float32 model on the same weights. Between two bfloat16 executors,
 # and to the bfloat16 reference, 8 ulps of the largest logit are allowed: a real error (a missed
 # edit, a wrong head, a cast table) moves logits by far more. Span scores are sums of attention
-# weights taken in float32 from bfloat16 patterns: one ulp at [0.5, 1), 2^-8, bounds them (the
-# largest difference seen is 2.8e-3); a missed reweighting moves a score by 0.1 or more.
+# weights taken in float32 from bfloat16 patterns; their differences carry the rounding of each
+# weight (up to 2^-8 of it) and of the logits of earlier layers, so the margin is empirical: the
+# largest difference seen is 2.8e-3 (2^-8.5), and 2^-7 is allowed; a missed reweighting moves a
+# score by 0.1 or more.
 BF16_LOGIT_ULPS = 8
-BF16_SCORE_TOL = 2.0**-8
+BF16_SCORE_TOL = 2.0**-7
 
 
 def bf16_logit_tol(reference: torch.Tensor) -> float:

@@ -131,3 +131,28 @@ def test_activations_a_bfloat16_model_makes_are_cached_apart(tmp_path):
 
     f32, bf16 = ActivationCache(tmp_path, build_tiny().model, "gold"), ActivationCache(tmp_path, build_tiny(dtype=torch.bfloat16).model, "gold")
     assert f32.dir != bf16.dir and "bfloat16" in bf16.dir.parts and "float32" not in f32.dir.parts
+
+
+def test_a_table_cast_there_and_back_is_repaired_too():
+    """bridge.to(bfloat16) then .to(float32), with no fdlib call between: the tables are float32
+    again but hold bfloat16-rounded angles; the next forward puts the exact ones back."""
+    t = build_tiny(seed=3)
+    sample = fake_samples(1)[0]
+    t.model.to(torch.bfloat16)
+    t.model.to(torch.float32)
+    rounded = [b for b in _tables(t.model.original_model).values()]
+    assert all(b.dtype == torch.float32 for b in rounded) and not all(torch.equal(b, f) for b, f in zip(rounded, _fresh_tables().values()))
+    prefill(t.model, sample.input_ids)
+    for got, want in zip(_tables(t.model.original_model).values(), _fresh_tables().values()):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_rows_of_a_bridge_cast_after_a_run_carry_its_new_weights_hash():
+    from fdlib.study.runner import model_fingerprint
+
+    t = build_tiny(seed=3)
+    before = model_fingerprint(t.model)
+    t.model.to(torch.bfloat16)
+    after = model_fingerprint(t.model)
+    assert after["model_sha"] != before["model_sha"]
+    assert after == model_fingerprint(build_tiny(seed=3, dtype=torch.bfloat16).model)

@@ -44,8 +44,6 @@ from fdlib.model.decoding import Prefix, _stop_tokens, check_length
 from fdlib.model.loading import fast_prefill_model, shared_twin
 
 ATTENTION = "fdlib_shared_prefix"
-# Span sums accumulate in float64 where the device has it (MPS does not).
-_SUM_DTYPE = {"mps": torch.float32}
 # Keyword arguments the HF attention modules pass that do not change the attention's value.
 _HARMLESS = {"position_ids", "cache_position", "output_attentions", "use_cache", "is_causal", "head_mask",
              "return_dict", "layer_idx", "token_type_ids", "past_key_values", "position_embeddings"}
@@ -79,29 +77,29 @@ class _LayerPlan:
     dk_post: Float[Tensor, "batch head_index d_head"] | None = None
     dk_pre: Float[Tensor, "batch head_index d_head"] | None = None
     ablate: Bool[Tensor, "batch head_index"] | None = None
-    # the (kv head, row, head in group) index of every reweighted pair, from `reweight_heads`
+    # the (kv head, row, head in group) index of every reweighted pair, made on the host from
+    # `chosen` (the reweighted heads, kept on the CPU) and uploaded: no read-back when rows change
     pairs: tuple[Tensor, Tensor, Tensor] | None = None
+    chosen: Bool[Tensor, "batch head_index"] | None = None
 
-    def index(self, n_kv: int) -> _LayerPlan:
-        """Precompute `pairs` (a device-to-host copy: done when the rows change, never per step)."""
-        if self.reweight_heads is not None:
-            B, H = self.reweight_heads.shape
-            self.pairs = self.reweight_heads.view(B, n_kv, H // n_kv).transpose(0, 1).nonzero(as_tuple=True)
+    def index(self, n_kv: int, device: Any) -> _LayerPlan:
+        if self.chosen is not None:
+            B, H = self.chosen.shape
+            pairs = self.chosen.view(B, n_kv, H // n_kv).transpose(0, 1).nonzero(as_tuple=True)
+            self.pairs = tuple(i.to(device) for i in pairs)
         return self
 
     def to(self, device: Any) -> _LayerPlan:
         for name, value in vars(self).items():
-            if isinstance(value, Tensor):
+            if isinstance(value, Tensor) and name != "chosen":
                 setattr(self, name, value.to(device))
-        if self.pairs is not None:
-            self.pairs = tuple(i.to(device) for i in self.pairs)
         return self
 
-    def keep(self, rows: Tensor, n_kv: int) -> None:
+    def keep(self, rows: Tensor, rows_cpu: Tensor, n_kv: int) -> None:
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
-                setattr(self, name, value[rows])
-        self.index(n_kv)
+                setattr(self, name, value[rows_cpu if name == "chosen" else rows])
+        self.index(n_kv, rows.device)
 
 
 def _plans(
@@ -135,7 +133,8 @@ def _plans(
         if plan.strength is not None:  # rows that reweight nothing here keep the identity
             idle = ~plan.reweight_heads.any(-1)
             plan.strength[idle] = 1.0
-    return [plan.index(n_kv).to(device) for plan in plans]
+            plan.chosen = plan.reweight_heads.clone()
+    return [plan.to(device).index(n_kv, device) for plan in plans]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,8 +213,7 @@ class _Group:
         self.answers: list[list[int]] = [[] for _ in range(n)]
         # per row, layer, head and span: the attention mass summed over the answer's rows, on the
         # device (read back once, when the group finishes)
-        self.sums = torch.zeros(n, cfg.n_layers, cfg.n_heads, len(self.names), dtype=_SUM_DTYPE.get(device.type, torch.float64),
-                                device=device)
+        self.sums = torch.zeros(n, cfg.n_layers, cfg.n_heads, len(self.names), dtype=torch.float64, device=device)
         self.active = list(range(n))  # which rows are left: plain ints, so the bookkeeping reads no tensor
         self.active_on_device = torch.arange(n, device=device)
         self.step = 0
@@ -233,11 +231,12 @@ class _Group:
 
     def keep(self, idx: list[int]) -> None:
         """Keep only rows `idx` (positions among the active rows): called when rows finish."""
-        on_device = torch.tensor(idx, device=self.active_on_device.device)
+        on_cpu = torch.tensor(idx)
+        on_device = on_cpu.to(self.active_on_device.device)
         for layer in self.layers:
             layer.keep(on_device)
         for plan in self.plans:
-            plan.keep(on_device, self.n_kv)
+            plan.keep(on_device, on_cpu, self.n_kv)
         self.active = [self.active[i] for i in idx]
         self.active_on_device = self.active_on_device[on_device]
 
@@ -437,7 +436,7 @@ def _group_pattern(
     in float32, the pattern handed on to the values in the model's dtype. The span maps (float64 on
     the chosen rows) and the span sums (float32) work on the float32 pattern, before that
     rounding; the bridge rounds the pattern before its `hook_pattern`, so its maps and recorders
-    see it rounded: one rounding of each weight apart (at most 2^-9 of it in bfloat16). Nothing
+    see it rounded: one rounding of each weight apart (at most 2^-8 of it in bfloat16). Nothing
     here reads a value back to the host."""
     lc, plan = group.layers[layer], group.plans[layer]
     B, H, d = q.shape

@@ -535,7 +535,7 @@ def train_focus_directions(
     bar = tqdm(total=epochs * len(activations), desc="training focus directions", unit="step", disable=not progress)
     for _ in range(epochs):
         order = torch.randperm(len(activations), generator=gen).tolist()
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for i in order:
             acts = activations[i].to(device)
             value = -objective(acts, d_q, d_k, **score_settings(acts)).sum()

@@ -139,7 +139,7 @@ def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: b
             twin(ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
             model(ids[None, :-1], past_key_values=cache, return_type=None)
-    return Prefix(cache=cache, tokens=ids).compact()
+    return Prefix(cache=cache, tokens=ids)
 
 
 def _cache_len(cache: Any) -> int:

@@ -259,6 +259,8 @@ def check_dtype(dtype: torch.dtype, device: str | torch.device) -> torch.dtype:
     bfloat16 on a GPU without it."""
     dtype = resolve_dtype(dtype)
     kind = torch.device(device).type
+    if kind == "mps":
+        raise ValueError("Apple's MPS has no float64, which fdlib's span maps and sums use: run on the CPU or CUDA")
     if dtype == torch.float16 and kind == "cpu":
         raise ValueError("float16 on the CPU: use dtype=torch.bfloat16 (as fast, the same exponent range as "
                          "float32) or torch.float32; float16 is for GPUs")
@@ -289,16 +291,20 @@ def cast_weights(hf_model: Any, dtype: torch.dtype) -> Any:
 
 
 def float32_tables(hf_model: Any) -> Any:
-    """Put back in float32 the rotary tables (`*inv_freq` buffers) a `.to(dtype)` / `.half()` cast,
-    recomputed from the config (transformers always builds them in float32). A table that is not
-    the rounding of the recomputed one is refused rather than guessed at."""
+    """Put back in float32 the rotary tables (`*inv_freq` buffers) that a `.to(dtype)` / `.half()`
+    rounded, recomputed from the config (transformers always builds them in float32): a table in a
+    lower dtype, or in float32 holding the rounding of the recomputed one (a cast there and back).
+    A lower-precision table that is not such a rounding is refused rather than guessed at; a
+    float32 table that differs otherwise (a rotary scaling that updates it) is left as it is."""
     for module in hf_model.modules():
         tables = {n: b for n, b in module._buffers.items() if b is not None and "inv_freq" in n}
-        if not tables or all(b.dtype == torch.float32 for b in tables.values()):
+        if not tables:
             continue
         try:
             fresh = type(module)(config=module.config)  # built on the CPU, in float32
         except Exception as err:  # an unknown constructor: nothing to recompute the table with
+            if all(b.dtype == torch.float32 for b in tables.values()):
+                continue  # nothing shows a cast: keep the model's own table
             raise ValueError(
                 f"{type(module).__name__}'s rotary table was cast to {next(iter(tables.values())).dtype} (by "
                 f"model.to(dtype) or .half()), which shifts every rotation angle, and fdlib cannot rebuild it "
@@ -307,11 +313,14 @@ def float32_tables(hf_model: Any) -> Any:
             ) from err
         for name, buf in tables.items():
             want = fresh._buffers[name].to(buf.device)
-            if buf.dtype != torch.float32:
-                if not torch.equal(want.to(buf.dtype), buf):
-                    raise ValueError(f"{type(module).__name__}.{name} holds {buf.dtype} values that are not the rounding "
-                                     "of the table its config gives; fdlib will not guess the rotation angles")
+            if buf.dtype == torch.float32 and torch.equal(buf, want):
+                continue
+            rounded = any(torch.equal(want.to(low).to(buf.dtype), buf) for low in (torch.bfloat16, torch.float16))
+            if rounded:
                 module._buffers[name] = want
+            elif buf.dtype != torch.float32:
+                raise ValueError(f"{type(module).__name__}.{name} holds {buf.dtype} values that are not the rounding "
+                                 "of the table its config gives; fdlib will not guess the rotation angles")
     return hf_model
 
 
@@ -418,7 +427,7 @@ def load_model(
     `dtype` (a torch dtype or its name: "float32", "bfloat16", "float16") is the weights' and
     activations' dtype. None keeps a passed model's dtype, and loads a name in the dtype its
     checkpoint's config gives (float32 for fdlib's offline models, which are de-quantised to
-    float32). Only parameters are cast: the rotary tables stay float32, as transformers' own
+    float32; a float16 checkpoint loaded for the CPU is cast to float32, which holds it exactly). Only parameters are cast: the rotary tables stay float32, as transformers' own
     `from_pretrained(dtype=...)` keeps them (a passed model whose tables a `.to(dtype)` cast is
     repaired). float16 on a CPU is refused (`check_dtype`).
     """
@@ -433,6 +442,9 @@ def load_model(
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+        on_cpu = torch.device(device or "cpu").type == "cpu"
+        if dtype is None and on_cpu and model_dtype(hf_model) == torch.float16:
+            cast_weights(hf_model, torch.float32)  # a float16 checkpoint on the CPU: exact in float32
     elif isinstance(name_or_model, torch.nn.Module) and hasattr(name_or_model, "config"):
         if tokenizer is None:
             raise ValueError("load_model(hf_model): pass its tokenizer too (nothing is fetched)")

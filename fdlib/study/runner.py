@@ -36,7 +36,7 @@ from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.engine import Job, decode_jobs, first_row_scores
 from fdlib.interventions.row import RowIntervention, intervene
 from fdlib.model.decoding import Prefix, check_length, decode, prefill
-from fdlib.model.loading import dtype_name, model_dtype, model_name
+from fdlib.model.loading import dtype_name, model_dtype, model_name, synced
 from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
 from fdlib.study.scores import KINDS, kind_scores
 
@@ -132,6 +132,7 @@ def span_kinds(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[
 def model_fingerprint(model: TransformerBridge) -> dict[str, str]:
     """The model's name and a hash of its config and weights (every parameter's shape and a
     strided sample of its values: another checkpoint of the same architecture differs)."""
+    synced(model)  # a bridge cast or moved since loading: its cached hash is of the old weights
     got = model.__dict__.get("_fdlib_fingerprint")
     if got is None:
         h = hashlib.sha1()
