@@ -78,27 +78,26 @@ class _LayerPlan:
     dk_pre: Float[Tensor, "batch head_index d_head"] | None = None
     ablate: Bool[Tensor, "batch head_index"] | None = None
     # the (kv head, row, head in group) index of every reweighted pair, made on the host from
-    # `chosen` (the reweighted heads, kept on the CPU) and uploaded: no read-back when rows change
+    # `reweight_heads` (which stays on the CPU) and uploaded: no read-back when rows change
     pairs: tuple[Tensor, Tensor, Tensor] | None = None
-    chosen: Bool[Tensor, "batch head_index"] | None = None
 
     def index(self, n_kv: int, device: Any) -> _LayerPlan:
-        if self.chosen is not None:
-            B, H = self.chosen.shape
-            pairs = self.chosen.view(B, n_kv, H // n_kv).transpose(0, 1).nonzero(as_tuple=True)
+        if self.reweight_heads is not None:
+            B, H = self.reweight_heads.shape
+            pairs = self.reweight_heads.view(B, n_kv, H // n_kv).transpose(0, 1).nonzero(as_tuple=True)
             self.pairs = tuple(i.to(device) for i in pairs)
         return self
 
     def to(self, device: Any) -> _LayerPlan:
         for name, value in vars(self).items():
-            if isinstance(value, Tensor) and name != "chosen":
+            if isinstance(value, Tensor) and name != "reweight_heads":
                 setattr(self, name, value.to(device))
         return self
 
     def keep(self, rows: Tensor, rows_cpu: Tensor, n_kv: int) -> None:
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
-                setattr(self, name, value[rows_cpu if name == "chosen" else rows])
+                setattr(self, name, value[rows_cpu if name == "reweight_heads" else rows])
         self.index(n_kv, rows.device)
 
 
@@ -133,7 +132,6 @@ def _plans(
         if plan.strength is not None:  # rows that reweight nothing here keep the identity
             idle = ~plan.reweight_heads.any(-1)
             plan.strength[idle] = 1.0
-            plan.chosen = plan.reweight_heads.clone()
     return [plan.to(device).index(n_kv, device) for plan in plans]
 
 
@@ -223,6 +221,10 @@ class _Group:
     def position(self) -> int:
         """Absolute position of this step's rows."""
         return self.P + self.step
+
+    def add_step(self) -> None:
+        """Add this step's span sums to its active rows' totals (on the device)."""
+        self.sums[self.active_on_device] += torch.stack(self.step_sums, dim=1).to(self.sums.dtype)
 
     def inputs(self) -> list[int]:
         if self.step == 0:
@@ -600,7 +602,7 @@ def decode_jobs(
         done_groups = []
         for g, sl in list(batch.slices()):
             if g.step > 0 and g.names:  # rows of answer tokens are recorded; the last prompt row is not
-                g.sums[g.active_on_device] += torch.stack(g.step_sums, dim=1).to(g.sums.dtype)
+                g.add_step()
             keep = []
             if g.step < max_new_tokens:
                 for i, token in enumerate(next_tokens[sl]):
@@ -680,7 +682,7 @@ def teacher_forced(
     for step in range(len(tokens) + 1):
         logits.append(_step(model, twin, batch, prefix.tokens.device).float())
         if step > 0 and group.names:
-            group.sums += torch.stack(group.step_sums, dim=1).to(group.sums.dtype)
+            group.add_step()
         if step < len(tokens):
             for answer in group.answers:
                 answer.append(tokens[step])
