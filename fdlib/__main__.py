@@ -50,8 +50,19 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--placement", choices=["post_rope", "pre_rope"], default="post_rope")
     ap.add_argument("--size", default="quick", help="'quick', 'full' or a number of training questions")
     ap.add_argument("--top", type=int, help="train only the top-N contextual heads (default: every head)")
+    ap.add_argument("--random", type=int, default=0, metavar="K",
+                    help="with --top, also train the K random heads of --random-seed (their control's heads)")
+    ap.add_argument("--random-seed", type=int, default=0)
+    ap.add_argument("--positions", type=int, nargs="+",
+                    help="gold positions of the 'positions' set (default: the authors' 1 5 10 15 20)")
+    ap.add_argument("--max-new-tokens", type=int,
+                    help="R_g's budget (default: 100 for 'positions', the authors'; 32 for the other sets)")
+    ap.add_argument("--init-std", type=float,
+                    help="initial directions ~ N(0, std^2) (default: 0.01 for 'positions', the authors'; else 0)")
     ap.add_argument("--heads-size", default="quick", help="size of the train-split study ranking the heads (with --top)")
     ap.add_argument("--heads-store", help="default: runs/[<dtype>/]contextual.sqlite")
+    ap.add_argument("--heads-from", help="rank by the long-input rows stored in this store or results file, in "
+                    "whatever dtype they were made (e.g. results/01_contextual.jsonl.gz), instead of --heads-store")
     ap.add_argument("--cache", help="activation cache root (default: <fdlib cache>/activations)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--epochs", type=int, default=10)
@@ -65,20 +76,31 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Train one set of directions on the NQ training split and save it."""
+    from fdlib.core.heads import random_heads
     from fdlib.data.nq import parse_size
-    from fdlib.experiments.contextual import contextual_study
+    from fdlib.experiments.contextual import committed_ranking, contextual_study
     from fdlib.interventions.training import train_nq_directions
     from fdlib.model.loading import load_model
 
     model = load_model(args.model, dtype=args.dtype)
     heads = None
+    if args.random and not args.top:
+        raise SystemExit("--random adds random heads to the --top heads: give --top too")
     if args.top:
-        study = contextual_study(model, size=parse_size(args.heads_size), split="train",
-                                 store=_runs_file(args.heads_store, "contextual.sqlite", args.dtype))
-        heads = study.heads(args.top)
+        if args.heads_from:
+            heads = committed_ranking(model, args.heads_from, size=parse_size(args.heads_size))[0][: args.top]
+        else:
+            study = contextual_study(model, size=parse_size(args.heads_size), split="train",
+                                     store=_runs_file(args.heads_store, "contextual.sqlite", args.dtype))
+            heads = study.heads(args.top)
+        if args.random:
+            heads = list(dict.fromkeys(heads + random_heads(model.cfg.n_layers, model.cfg.n_heads, args.random,
+                                                            args.random_seed)))
+    extra = {k: v for k, v in (("positions", args.positions), ("max_new_tokens", args.max_new_tokens),
+                               ("init_std", args.init_std)) if v is not None}
     result = train_nq_directions(model, training_set=args.training_set, placement=args.placement,
                                  size=parse_size(args.size), heads=heads, root=args.cache, lr=args.lr,
-                                 epochs=args.epochs, seed=args.seed, loss=args.loss, max_norm=args.max_norm)
+                                 epochs=args.epochs, seed=args.seed, loss=args.loss, max_norm=args.max_norm, **extra)
     result.directions.save(args.out)
 
 

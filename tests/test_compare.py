@@ -141,3 +141,31 @@ def test_chosen_alphas_against_hand_computation():
     assert list(t.family) == ["chosen", "random-head control"] and list(t.n) == [4, 2]
     assert t.mean_alpha[0] == pytest.approx(0.375) and t.unsteered[0] == pytest.approx(0.5) and t.unsteered[1] == 1.0
     assert compare.chosen_alphas(frame, {"fixed": fixed}).empty
+
+
+def test_automatic_alpha_diagnostics_against_hand_computation():
+    """The ends of the grid, the degenerate flag, the histogram over every candidate, and the
+    report against fixed alphas and the per-input ceiling, on a hand-made frame."""
+    from fdlib.study.conditions import DROP_ALPHAS
+
+    drop = Condition.focus_drop(0.3, "positions", "contextual", 20)
+    fixed = [Condition.focus(a, "positions", "contextual", 20) for a in (0.2, 0.5)]
+    base = Condition.baseline()
+    alphas = [0.0, 2.0, 2.0, 2.0, 0.3]  # 3 of 5 at the grid's top: degenerate
+    frame = pd.DataFrame({
+        "sample_id": [f"q{i}/k20g1" for i in range(5)] * 4,
+        "condition": [drop.key] * 5 + [fixed[0].key] * 5 + [fixed[1].key] * 5 + [base.key] * 5,
+        "score": [1, 1, 0, 0, 1] + [0, 1, 0, 0, 0] + [1, 0, 0, 0, 1] + [0, 0, 0, 1, 0],
+        "chosen_alpha": alphas + [None] * 15})
+    t = compare.chosen_alphas(frame, {"drop": drop})
+    assert t.at_top[0] == pytest.approx(0.6) and t.unsteered[0] == pytest.approx(0.2) and bool(t.degenerate[0])
+    h = compare.alpha_histogram(frame, drop)
+    assert list(h.index) == [float(a) for a in DROP_ALPHAS] and h[2.0] == 3 and h[0.0] == 1 and h[0.3] == 1 and h.sum() == 5
+    r = compare.auto_alpha_report(frame, drop, fixed)
+    assert r["n"] == 5 and r["em_auto"] == pytest.approx(0.6) and r["em_baseline"] == pytest.approx(0.2)
+    assert r["best_fixed"] == fixed[1].key and r["em_best_fixed"] == pytest.approx(0.4)
+    assert r["em_ceiling"] == pytest.approx(0.8)  # q0, q1, q4 by a fixed alpha, q3 by the baseline; q2 by none
+    assert r["probe_rows_per_prompt"] == len(DROP_ALPHAS) and r["probe_steps_per_prompt"] == 1
+    ms = compare.methods("full", target_sink=None, drop=True)
+    assert [m.name for m in ms][-2:] == ["automatic alpha (sink drop)", "position-free directions"]
+    assert not any(c.method == "focus_auto" for m in ms for c in m.candidates)

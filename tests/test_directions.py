@@ -194,8 +194,18 @@ def test_training_raises_the_relevant_score_deterministically(tiny, placement):
         cos, sin = _rope_cos_sin(tiny.model, 30, acts[0].q)
         rotation = (cos.float(), sin.float())
     span_score(acts[0], d_q, d_k, scale=tiny.model.cfg.d_head ** -0.5, rotation=rotation).sum().backward()
-    ratio = d_k.grad.abs().max() / d_q.grad.abs().max()
-    assert ratio < 1e-5 if placement == "post_rope" else ratio > 1e-2
+    if placement == "post_rope":  # computed as the key bias d_Q . k_j: d_K takes no part
+        assert d_k.grad is None and d_q.grad.abs().max() > 0
+        from fdlib.interventions.training import attention_rows
+
+        a0, dk = acts[0], torch.randn(len(HEADS), tiny.model.cfg.d_head)
+        full = torch.einsum("hrd,htd->hrt", a0.q + d_q[:, None], a0.k + dk[:, None]) * tiny.model.cfg.d_head ** -0.5
+        T, rows = a0.k.shape[1], torch.arange(a0.response_start, a0.response_start + a0.q.shape[1])
+        full = full.masked_fill(torch.arange(T)[None, None, :] > rows[None, :, None], float("-inf")).softmax(-1)
+        got = attention_rows(a0, d_q.detach(), dk, scale=tiny.model.cfg.d_head ** -0.5)
+        torch.testing.assert_close(got, full, atol=1e-6, rtol=1e-5)  # the full product, d_K included
+    else:
+        assert d_k.grad.abs().max() / d_q.grad.abs().max() > 1e-2
     # the trained directions, applied with focus_directions, raise the model's own score
     ids = torch.randint(5, 64, (30,), generator=torch.Generator().manual_seed(100))
     span = fdlib.Span(8, 14)
@@ -258,8 +268,8 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     )
 
     tiny = build_tiny(max_position_embeddings=4096)
-    cache = ActivationCache(tmp_path, tiny.model, "long", dtype=torch.float32)
-    examples = build_activation_cache(tiny.model, cache, size=3, n_docs=3, max_new_tokens=4, progress=False)
+    cache = ActivationCache(tmp_path, tiny.model, "long", dtype=torch.float32, max_new_tokens=4)
+    examples = build_activation_cache(tiny.model, cache, size=3, n_docs=3, progress=False)
     assert 1 <= len(examples) <= 3 and not list(cache.dir.glob(".*"))  # no temp file left behind
     heads = [(0, 1), (1, 3)]
     for ex in examples:
@@ -280,14 +290,14 @@ def test_activation_cache_round_trip_resume_and_errors(tmp_path):
     files = sorted(cache.dir.glob("*.safetensors"))
     stamps = {p: p.stat().st_mtime_ns for p in files[1:]}
     files[0].unlink()
-    again = build_activation_cache(tiny.model, cache, size=3, n_docs=3, max_new_tokens=4, progress=False)
+    again = build_activation_cache(tiny.model, cache, size=3, n_docs=3, progress=False)
     assert [e.id for e in again] == [e.id for e in examples] and files[0].exists()
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     assert cache.nbytes() == sum(p.stat().st_size for p in files)
     files[1].write_bytes(files[1].read_bytes()[:100])
     with pytest.raises(ValueError, match="not a readable fdlib activation file"):
         cache.example(files[1].stem)
-    other = ActivationCache(tmp_path, build_tiny(seed=1).model, "long")
+    other = ActivationCache(tmp_path, build_tiny(seed=1).model, "long", max_new_tokens=4)
     assert other.dir == cache.dir  # same name (both tiny) ...
     with pytest.raises(ValueError, match="training_set"):
         ActivationCache(tmp_path, tiny.model, "short")
@@ -328,8 +338,10 @@ def test_focus_table_shape_and_direction(tiny):
     t = focus_table(tiny.model, frame, samples, 1.0, HEADS)
     assert set(t.index.get_level_values("case")) == {"long", "gold"}
     assert set(t.index.get_level_values("directions")) == {"without", "alpha=1"}
-    assert {"R", "IR", "IR-max", "Sink", "EM", "n"} <= set(t.columns)
+    assert {"R", "IR", "IR-max", "Sink", "Sink 0-1", "EM", "n"} <= set(t.columns)
     assert len(t) == 2 * 2 * len(HEADS)
+    # the authors' sink (tokens 0-1) holds at least token 0's share, recorded from the same rows
+    assert (t["Sink 0-1"] >= t["Sink"] - 1e-6).all() and (t["Sink 0-1"] > t["Sink"]).any()
 
 
 def test_shuffled_training_set_puts_the_gold_document_anywhere(tmp_path):
@@ -343,11 +355,81 @@ def test_shuffled_training_set_puts_the_gold_document_anywhere(tmp_path):
     positions = [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]
     assert set(positions) == set(range(1, 21)) and positions == [shuffled_position(f"nq{i:04d}", 20) for i in range(200)]
     tiny = build_tiny(max_position_embeddings=4096)
-    cache = ActivationCache(tmp_path, tiny.model, "shuffled", dtype=torch.float32)
-    examples = build_activation_cache(tiny.model, cache, size=4, n_docs=5, max_new_tokens=4, progress=False)
+    cache = ActivationCache(tmp_path, tiny.model, "shuffled", dtype=torch.float32, max_new_tokens=4)
+    examples = build_activation_cache(tiny.model, cache, size=4, n_docs=5, progress=False)
     builder = NQBuilder(tiny.tokenizer)
     assert examples
     for ex in examples:
         example = next(e for e in builder.examples if e.id == ex.id)
         want = builder.sample(example, n_docs=5, gold_position=shuffled_position(ex.id, 5))
         assert ex.span == want.gold_span and ex.response_start == want.n_tokens
+
+
+def test_positions_training_set_caches_only_the_chosen_heads(tmp_path):
+    """The authors' recipe (`positions`): per question one example per gold position, sharing
+    R_g (computed once, kept in answers.json); only the chosen heads' queries and their KV heads'
+    keys are stored, in half precision, and read back equal to a fresh collection; heads the
+    cache does not hold are refused by name; a cache built for fewer heads is rebuilt."""
+    import json
+
+    from conftest import build_tiny
+    from safetensors import safe_open
+
+    from fdlib.data.nq import NQBuilder
+    from fdlib.interventions.training import ActivationCache, build_activation_cache, collect_activations
+
+    tiny = build_tiny(max_position_embeddings=4096)
+    heads = [(0, 1), (1, 3), (1, 2)]  # (1, 2) and (1, 3) share KV head 1 of layer 1
+    cache = ActivationCache(tmp_path, tiny.model, "positions", heads=heads, max_new_tokens=4)
+    assert cache.dir.name == "positions-t4"
+    examples = build_activation_cache(tiny.model, cache, size=2, n_docs=5, positions=(1, 3, 5), progress=False)
+    answers = json.loads((cache.dir / "answers.json").read_text())
+    assert len(answers) == 2 and all(len(a) <= 4 for a in answers.values())
+    usable = [q for q, a in answers.items() if a]
+    assert {e.id for e in examples} == {f"{q}/g{p}" for q in usable for p in (1, 3, 5)}
+    builder = NQBuilder(tiny.tokenizer)
+    by_id = {e.id: e for e in builder.examples}
+    for ex in examples:
+        qid = ex.id.split("/")[0]
+        want_prompt = builder.sample(by_id[qid], n_docs=5, gold_position=ex.gold_position)
+        assert ex.span == want_prompt.gold_span and ex.response_start == want_prompt.n_tokens
+        with safe_open(str(ex.path), "pt") as f:
+            ids = f.get_tensor("tokens")
+            names = set(f.keys())
+            assert ids[ex.response_start:].tolist() == answers[qid]  # one R_g for all positions
+            assert names == {"tokens", "q.L0H1", "q.L1H3", "q.L1H2", "k.L0G0", "k.L1G1"}
+            assert f.get_tensor("q.L0H1").dtype == torch.float16
+        for placement in ("post_rope", "pre_rope"):
+            want = collect_activations(tiny.model, ids, ex.response_start, ex.span, heads, placement)
+            got = cache.read(ex, heads, placement)
+            torch.testing.assert_close(got.q, want.q, atol=2e-3, rtol=1e-3)  # float16 storage
+            torch.testing.assert_close(got.k, want.k, atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"L0H0"):
+        cache.read(examples[0], [(0, 0)], "post_rope")
+    assert examples[0].id in cache
+    more = ActivationCache(tmp_path, tiny.model, "positions", heads=heads + [(0, 0)], max_new_tokens=4)
+    assert examples[0].id not in more  # the file lacks L0H0: a build with it recomputes the example
+    held_out = build_activation_cache(tiny.model, more, size=2, n_docs=5, positions=(3,), progress=False)
+    assert {e.gold_position for e in held_out} == {3}
+    more.read(held_out[0], [(0, 0)], "post_rope")
+    with pytest.raises(ValueError, match="gold positions must be in 1..5"):
+        build_activation_cache(tiny.model, more, size=2, n_docs=5, positions=(6,), progress=False)
+
+
+def test_prefill_continues_a_shared_prefix(tiny):
+    """`prefill(reuse=...)` cuts an earlier cache back to the common prefix and continues it:
+    the same keys and values as a fresh prefill, and a decode from it gives the same answer."""
+    from fdlib.model.decoding import decode
+
+    a = torch.arange(3, 40)
+    b = torch.cat([a[:20], torch.arange(50, 60)])
+    first = prefill(tiny.model, a)
+    with torch.no_grad():  # the cache grows past the prompt, as after a forward over an answer
+        tiny.model(a[None, -1:], past_key_values=first.cache, return_type=None)
+    first.tokens = a
+    reused, fresh = prefill(tiny.model, b, reuse=first), prefill(tiny.model, b)
+    for x, y in zip(reused.cache.layers, fresh.cache.layers):
+        assert x.keys.shape == y.keys.shape
+        torch.testing.assert_close(x.keys, y.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(x.values, y.values, atol=1e-5, rtol=0)
+    assert decode(tiny.model, reused, max_new_tokens=5).tokens == decode(tiny.model, fresh, max_new_tokens=5).tokens

@@ -156,3 +156,19 @@ def test_rows_of_a_bridge_cast_after_a_run_carry_its_new_weights_hash():
     after = model_fingerprint(t.model)
     assert after["model_sha"] != before["model_sha"]
     assert after == model_fingerprint(build_tiny(seed=3, dtype=torch.bfloat16).model)
+
+
+def test_a_bfloat16_study_ranks_heads_by_the_committed_float32_rows(tmp_path):
+    """`committed_ranking` reads the ranking from stored rows of any dtype: a bfloat16 model gets
+    exactly the float32 study's ranking (the heads its directions were trained on), and a
+    store missing a question's row or holding another model's rows is refused."""
+    from fdlib.experiments.contextual import committed_ranking, contextual_study
+
+    f32 = build_tiny(max_position_embeddings=4096)
+    store = tmp_path / "01.sqlite"
+    study = contextual_study(f32.model, size=3, n_docs=3, store=store, progress=False)
+    bf16 = build_tiny(dtype=torch.bfloat16, max_position_embeddings=4096)
+    ranked, dtype = committed_ranking(bf16.model, store, size=3, n_docs=3)
+    assert dtype == "float32" and ranked == study.heads(8)
+    with pytest.raises(ValueError, match="no stored long-input row for 1 of 4"):
+        committed_ranking(bf16.model, store, size=4, n_docs=3)

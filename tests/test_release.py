@@ -167,3 +167,17 @@ def test_packaged_data_equals_the_source():
             for kind, got in (("q", d.d_q), ("k", d.d_k)):
                 want = torch.load(pth / f"head_{kind}_directions_{layer}.pth", map_location="cpu", weights_only=True)
                 assert torch.equal(got[layer], want.detach().float()), (name, kind, layer)
+
+
+def test_release_norms_per_head_and_per_sqrt_d_head():
+    from fdlib.interventions.directions import direction_norms
+    from fdlib.interventions.release import release_norms
+
+    t = release_norms(5)
+    assert len(t) == 3 * 5 and set(t["rank"]) == {1, 2, 3, 4, 5}
+    name = "meta-llama/Llama-3.2-3B-Instruct"
+    d, (l, h) = released_directions(name), released_heads(name)[0]
+    row = t[(t.source == name) & (t["rank"] == 1)].iloc[0]
+    assert row["head"] == f"L{l}H{h}" and row.dq_norm == pytest.approx(float(d.d_q[l, h].norm()))
+    assert row.dq_per_sqrt_d == pytest.approx(row.dq_norm / 128 ** 0.5)
+    assert list(direction_norms(d, [(0, 0)]).columns)[:4] == ["source", "rank", "head", "d_head"]

@@ -272,7 +272,7 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     # relative target: a fraction of the input's own unsteered share (candidate alpha 0)
     kept = float(shares[7] + shares[8]) / 2 / float(shares[0]) + 1e-4
     want = AUTO_ALPHAS[int(torch.argmin((shares - kept * shares[0]).abs()))]
-    assert choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, relative=True) == want
+    assert choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, rule="focus_kept") == want
     conds = [Condition.focus_kept(kept, "d", "contextual", 3), Condition.focus(want, "d", "contextual", 3),
              Condition.focus_auto(kept, "d", "contextual", 3)]
     a = run_study(tiny.model, [s], conds, **kw)
@@ -281,7 +281,28 @@ def test_automatic_alpha_probe_choice_and_runs(tiny):
     with pytest.raises(ValueError, match="fraction of the sink share kept"):
         Condition.focus_kept(0.0, "d", "contextual", 3)
     with pytest.raises(ValueError, match="alpha 0 as the first candidate"):
-        choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, alphas=(0.5, 1.0), relative=True)
+        choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, kept, alphas=(0.5, 1.0), rule="focus_kept")
+
+    # the working rule: the smallest alpha that moves the share `drop` of the input's own sink
+    # (tokens 0-1) share off the sink, measured on the same heads and row
+    from fdlib.study.conditions import DROP_ALPHAS
+
+    rows = [RowIntervention(tuple(heads), directions=dirs, alpha=a) for a in DROP_ALPHAS]
+    sink2 = first_row_scores(tiny.model, prefix, rows, {"sink2": fdlib.Span(0, 2)})[:, idx[:, 0], idx[:, 1], 0].mean(-1)
+    ratio = sink2 / sink2[0]
+    assert ratio[-1] < ratio[3] < 1  # the directions do move attention off the sink here
+    drop = 1 - float(ratio[3] + ratio[4]) / 2 if ratio[4] < ratio[3] else 1 - float(ratio[3])
+    want = DROP_ALPHAS[int((ratio <= 1 - drop).nonzero()[0])]
+    assert want > 0 and choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, drop, rule="focus_drop") == want
+    unreachable = 1 - float(ratio.min()) / 2
+    assert choose_alpha(tiny.model, prefix, StudySample(s), heads, dirs, unreachable, rule="focus_drop") == DROP_ALPHAS[-1]
+    conds = [Condition.focus_drop(drop, "d", "contextual", 3), Condition.focus(want, "d", "contextual", 3)]
+    a = run_study(tiny.model, [s], conds, **kw)
+    b = run_study(tiny.model, [s], conds, engine="sequential", **kw)
+    assert a.chosen_alpha[0] == want == b.chosen_alpha[0] and a.answer[0] == a.answer[1] == b.answer[0]
+    assert a.condition[0] == f"focus_drop|d|drop={drop:g}|contextual|k=3"
+    with pytest.raises(ValueError, match="share of the sink share removed"):
+        Condition.focus_drop(1.0, "d", "contextual", 3)
 
 
 def test_task_samples_are_their_own_groups(tiny, tmp_path):
@@ -372,3 +393,16 @@ def test_a_bfloat16_row_names_its_dtype_and_is_not_a_float32_row(tiny, tmp_path)
     samples, heads = fake_samples(1), RANKED[:2]
     assert "dtype" not in compare.prior_setup(tiny.model, samples, {}, heads, {})
     assert compare.prior_setup(bf16, samples, {}, heads, {})["dtype"] == "bfloat16"
+
+
+def test_directions_untrained_on_a_head_are_refused(tiny):
+    """A directions set trained on some heads only (zeros elsewhere) applied to a head it holds
+    no vector for would be a silent no-op: refused, naming the head."""
+    from fdlib.interventions.directions import FocusDirections
+
+    dirs = FocusDirections.zeros(tiny.model)
+    dirs.d_q[1, 2] = 1.0
+    spans = fake_samples(1)[0].named_spans()
+    Condition.focus(0.5, "d", "contextual", 1).row([(1, 2)], spans, {"d": dirs})
+    with pytest.raises(ValueError, match=r"no trained vector for heads \['L0H1'\]"):
+        Condition.focus(0.5, "d", "contextual", 2).row([(1, 2), (0, 1)], spans, {"d": dirs})

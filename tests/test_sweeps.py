@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 from conftest import fake_samples
 
 import fdlib.experiments.sweeps as sweeps
@@ -146,3 +147,18 @@ def test_attention_per_document_equals_the_sequential_decode(tiny):
     for key, ans in (("before", before), ("after", after)):
         assert got[key] == pytest.approx([float(ans.scores[f"doc{i}"][1, 2]) for i in range(3)], abs=1e-5)
     assert got["after"][s.gold_index] > got["before"][s.gold_index]
+
+
+def test_alpha_curve_and_rotated_positions(tiny):
+    from fdlib.data.nq import NQBuilder
+
+    c = sweeps.alpha_curve("paper", directions="positions")
+    assert c[0] == Condition.baseline() and all(x.rows == "all" and x.k == 20 for x in c[1:])
+    assert [x.value for x in c if x.heads == "contextual"] == list(sweeps.ALPHA_CURVES["paper"]["alphas"])
+    assert [x.value for x in c if x.heads == "random"] == [0.3, 1.0]
+    b = NQBuilder(tiny.tokenizer)
+    rotated = b.samples(split="test", size=7, gold_position=sweeps.PAPER_POSITIONS)
+    fixed = b.samples(split="test", size=7, gold_position=5)
+    assert [s.gold_index + 1 for s in rotated] == [1, 5, 10, 15, 20, 1, 5]
+    assert [s.id.split("/")[0] for s in rotated] == [s.id.split("/")[0] for s in fixed]
+    assert rotated[1].id == fixed[1].id and torch.equal(rotated[1].input_ids, fixed[1].input_ids)

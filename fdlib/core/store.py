@@ -234,6 +234,13 @@ def load_results(path: str | Path) -> Store:
     return db
 
 
+def results_rows(path: str | Path) -> int:
+    """The rows a committed results file holds (its JSON lines, as `load_results` reads them),
+    counted without decoding records or arrays."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
 def merge_stores(sources: Sequence[str | Path], target: str | Path) -> int:
     """Merge shard stores (or committed results files) into one. A (sample, condition) present
     twice is kept once when both copies have the same setup, and refused when they differ.

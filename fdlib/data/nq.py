@@ -195,10 +195,11 @@ class QASample:
         return None if self.gold_index is None else self.doc_spans[self.gold_index]
 
     def named_spans(self) -> dict[str, Span]:
-        """Every span by name: `relevant` (the gold document, when there is one), `sink`,
-        `doc0`..`doc{k-1}`, `question`."""
+        """Every span by name: `relevant` (the gold document, when there is one), `sink` (token
+        0), `sink2` (tokens 0-1, the authors' sink), `doc0`..`doc{k-1}`, `question`."""
         spans = {} if self.gold_span is None else {"relevant": self.gold_span}
         spans["sink"] = self.sink_span
+        spans["sink2"] = Span(0, min(2, self.n_tokens))
         spans.update({f"doc{i}": s for i, s in enumerate(self.doc_spans)})
         spans["question"] = self.question_span
         return spans
@@ -402,9 +403,18 @@ class NQBuilder:
         split: Split = "test",
         size: Size | int = "quick",
         n_docs: int = 20,
-        gold_position: int | None = None,
+        gold_position: int | Sequence[int] | None = None,
         variant: Variant = "long",
         seed: int = SPLIT_SEED,
     ) -> list[QASample]:
+        """The first `size` questions of `split` as `variant` prompts; `gold_position` is one
+        position for all (default: the middle) or a sequence rotated over the questions (each
+        question one prompt, the positions balanced: a study's cost of one position, its
+        average over several)."""
         chosen = split_examples(self.examples, split, seed)[: n_samples(size, split)]
+        if isinstance(gold_position, (list, tuple)):
+            # rotated: question i gets the gold document at gold_position[i mod len]
+            if not gold_position:
+                raise ValueError("gold_position: give at least one position to rotate over")
+            return [self.sample(e, n_docs, gold_position[i % len(gold_position)], variant) for i, e in enumerate(chosen)]
         return [self.sample(e, n_docs, gold_position, variant) for e in chosen]

@@ -31,7 +31,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from fdlib.core.heads import Head
 from fdlib.core.metrics import bootstrap_ci, mcnemar, paired
 from fdlib.interventions.directions import FocusDirections, key_bias
-from fdlib.study.conditions import AUTO, RANDOM, Condition
+from fdlib.study.conditions import AUTO, AUTO_ALPHAS, DROP_ALPHAS, RANDOM, Condition
 
 POSITIONS: tuple[int, ...] = (1, 10, 20)  # gold document among 20
 QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper": {"train": 50, "test": 200},
@@ -39,10 +39,10 @@ QUESTIONS: dict[str, dict[str, int]] = {"quick": {"train": 2, "test": 2}, "paper
 # probe prompts (gold at position 10) of the key-bias view: two prefills per probe, head and set
 BIAS_PROBES: dict[str, int] = {"quick": 1, "paper": 10, "full": 20}
 GRIDS: dict[str, dict[str, tuple]] = {
-    "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,), kept=(0.75,)),
+    "quick": dict(ks=(5,), split=(0.1,), odds=(0.01,), boost=(19.0,), alpha=(0.5,), kept=(0.75,), drop=(0.3,)),
     # kept: at alpha 1 the gold directions leave the top-5 / 10 / 20 heads 0.4-0.8 of their sink share
     "full": dict(ks=(5, 10, 20), split=(0.05, 0.1, 0.3, 0.6), odds=(0.001, 0.01, 0.1), boost=(3.0, 7.0, 11.0, 19.0),
-                 alpha=(0.1, 0.2, 0.5, 1.0), kept=(0.6, 0.75, 0.9)),
+                 alpha=(0.1, 0.2, 0.5, 1.0), kept=(0.6, 0.75, 0.9), drop=(0.1, 0.2, 0.3, 0.5)),
 }
 GRIDS["paper"] = GRIDS["full"]
 
@@ -57,11 +57,14 @@ class Method:
     candidates: tuple[Condition, ...]
 
 
-def methods(size: str = "quick", *, target_sink: float, directions: str = "gold", shuffled: str | None = "shuffled",
-            shuffled_scale: float = 1.0) -> list[Method]:
+def methods(size: str = "quick", *, target_sink: float | None = None, directions: str = "gold",
+            shuffled: str | None = "shuffled", shuffled_scale: float = 1.0, drop: bool = False) -> list[Method]:
     """The compared methods on the "contextual" ranking, with the size's grid of settings.
-    `target_sink` drives the automatic alpha; `directions` / `shuffled` name the directions sets
-    (trained on gold-anchored and on shuffled prompts; `shuffled=None` leaves that method out).
+    `target_sink` drives the absolute automatic alpha (`focus_auto`, None: left out), the relative
+    one (`focus_kept`) aims at a kept fraction, and with `drop` the automatic alpha that works
+    (`focus_drop`: the smallest alpha removing a share, chosen on train, of the input's own sink
+    share) is compared too; `directions` / `shuffled` name the directions sets (trained on
+    gold-anchored and on shuffled prompts; `shuffled=None` leaves that method out).
     The position-free set's alphas are the grid's times `shuffled_scale` (rounded to 0.01), e.g.
     `norm_ratio` of the two sets, so that both grids push the heads equally hard."""
     if not (math.isfinite(shuffled_scale) and shuffled_scale > 0):
@@ -76,10 +79,15 @@ def methods(size: str = "quick", *, target_sink: float, directions: str = "gold"
                tuple(Condition.reweight("boost", v, "contextual", k) for v in g["boost"] for k in ks)),
         Method("focus directions", "label-free",
                tuple(Condition.focus(a, directions, "contextual", k) for a in g["alpha"] for k in ks)),
-        Method("automatic alpha", "label-free", tuple(Condition.focus_auto(target_sink, directions, "contextual", k) for k in ks)),
-        Method("automatic alpha (relative)", "label-free",
-               tuple(Condition.focus_kept(v, directions, "contextual", k) for v in g["kept"] for k in ks)),
     ]
+    if target_sink is not None:
+        out.append(Method("automatic alpha", "label-free",
+                          tuple(Condition.focus_auto(target_sink, directions, "contextual", k) for k in ks)))
+    out.append(Method("automatic alpha (relative)", "label-free",
+                      tuple(Condition.focus_kept(v, directions, "contextual", k) for v in g["kept"] for k in ks)))
+    if drop:
+        out.append(Method("automatic alpha (sink drop)", "label-free",
+                          tuple(Condition.focus_drop(v, directions, "contextual", k) for v in g["drop"] for k in ks)))
     if shuffled is not None:
         out.append(Method("position-free directions", "label-free",
                           tuple(Condition.focus(round(a * shuffled_scale, 2), shuffled, "contextual", k)
@@ -143,11 +151,23 @@ def scored_conditions(best: Mapping[str, Condition], seeds: Sequence[int] = (0,)
 
 def comparison_table(
     frame: pd.DataFrame, best: Mapping[str, Condition], ms: Sequence[Method], heads: Sequence[Head], *,
-    level: float = 0.95,
+    level: float = 0.95, resample: str = "questions",
 ) -> pd.DataFrame:
     """Per method (chosen setting) and its random-head control: EM with a bootstrap CI, the gain
-    over the baseline with a paired bootstrap CI, McNemar against the baseline, and the top-k
-    contextual heads' mean relevant, sink and IR-max scores under it."""
+    over the baseline with a paired bootstrap CI, a paired test against the baseline, and the
+    top-k contextual heads' mean relevant, sink and IR-max scores under it.
+
+    `resample="questions"` (default): a question's prompts (its gold positions; question =
+    `question_id` of `sample_id`) are drawn together by both bootstraps, and the test is the
+    sign-flip test over questions (`paired_cluster_test`) where a question has several prompts,
+    McNemar by prompt where each has one (then every number equals `resample="prompts"`'s).
+    `resample="prompts"`: prompts as independent draws, McNemar by prompt. Columns `n` (prompts),
+    `n_questions`, `resampled` (what the intervals draw), `test` (which test gave `p_value`);
+    `gained` / `lost` count prompts."""
+    from fdlib.core.metrics import paired_cluster_test, question_ids
+
+    if resample not in ("questions", "prompts"):
+        raise ValueError(f"resample must be 'questions' or 'prompts', got {resample!r}")
     base = Condition.baseline().key
     family = {m.name: m.family for m in ms}
     idx = np.asarray(list(heads), dtype=int)
@@ -166,31 +186,79 @@ def comparison_table(
         g = frame[frame.condition == c.key]
         if g.empty:
             continue
-        em, lo, hi = bootstrap_ci(g["score"].to_numpy(dtype=float), level=level)
+        clustered = resample == "questions"
+        questions = question_ids(g["sample_id"])
+        em, lo, hi = bootstrap_ci(g["score"].to_numpy(dtype=float), level=level, groups=questions if clustered else None)
         pair = paired(frame, c.key, base)
         x, y = pair.a.to_numpy(dtype=float), pair.b.to_numpy(dtype=float)
-        gain, glo, ghi = bootstrap_ci(x - y, level=level) if x.size else (np.nan,) * 3
-        test = mcnemar(frame, c.key, base) if c.key != base else {"p_value": np.nan, "only_a": 0, "only_b": 0}
+        pair_q = question_ids(pair.index) if clustered else None
+        gain, glo, ghi = bootstrap_ci(x - y, level=level, groups=pair_q) if x.size else (np.nan,) * 3
+        several = clustered and len(set(pair_q)) < len(pair_q)  # some question has several prompts
+        if c.key == base:
+            test, test_name = {"p_value": np.nan, "only_a": 0, "only_b": 0}, ""
+        elif several:
+            test, test_name = paired_cluster_test(frame, c.key, base), "sign-flip over questions"
+        else:
+            test, test_name = mcnemar(frame, c.key, base), "McNemar"
         rows.append({"method": name, "family": fam, "setting": c.label, "condition": c.key, "em": em, "lo": lo, "hi": hi,
-                     "n": len(g), "gain": gain, "gain_lo": glo, "gain_hi": ghi, "gained": test["only_a"],
-                     "lost": test["only_b"], "p_value": test["p_value"], "relevant": head_mean(c.key, "relevant"),
+                     "n": len(g), "n_questions": len(set(questions)), "resampled": resample, "gain": gain,
+                     "gain_lo": glo, "gain_hi": ghi, "gained": test["only_a"], "lost": test["only_b"],
+                     "p_value": test["p_value"], "test": test_name, "relevant": head_mean(c.key, "relevant"),
                      "sink": head_mean(c.key, "sink"), "irmax": head_mean(c.key, "irmax")})
     return pd.DataFrame(rows)
 
 
 def chosen_alphas(frame: pd.DataFrame, best: Mapping[str, Condition]) -> pd.DataFrame:
     """Per method whose chosen setting picks alpha per input (and its random-head control): the
-    prompts, the mean alpha chosen, and the share of prompts left unsteered (alpha 0)."""
+    prompts, the mean alpha chosen, the share of prompts left unsteered (alpha 0) and at the
+    grid's top, and `degenerate` when more than half of the prompts sit at one end of the grid
+    (the rule then acts as a fixed alpha, or not at all)."""
     rows = []
     for name, c in best.items():
         if c.method not in AUTO:
             continue
+        top = max(DROP_ALPHAS if c.method == "focus_drop" else AUTO_ALPHAS)
         for fam, cond in (("chosen", c), ("random-head control", control(c))):
             a = frame.loc[frame.condition == cond.key, "chosen_alpha"].dropna().to_numpy(dtype=float)
             if a.size:
+                low, high = float((a == 0).mean()), float((a == top).mean())
                 rows.append({"method": name, "family": fam, "setting": cond.label, "n": int(a.size),
-                             "mean_alpha": float(a.mean()), "unsteered": float((a == 0).mean())})
-    return pd.DataFrame(rows, columns=["method", "family", "setting", "n", "mean_alpha", "unsteered"])
+                             "mean_alpha": float(a.mean()), "unsteered": low, "at_top": high,
+                             "degenerate": max(low, high) > 0.5})
+    return pd.DataFrame(rows, columns=["method", "family", "setting", "n", "mean_alpha", "unsteered", "at_top",
+                                       "degenerate"])
+
+
+def alpha_histogram(frame: pd.DataFrame, condition: Condition) -> pd.Series:
+    """How many prompts an automatic-alpha condition gave each candidate alpha (every candidate
+    listed, zeros included)."""
+    grid = DROP_ALPHAS if condition.method == "focus_drop" else AUTO_ALPHAS
+    got = frame.loc[frame.condition == condition.key, "chosen_alpha"].dropna().astype(float)
+    return got.value_counts().reindex([float(a) for a in grid], fill_value=0).rename("prompts")
+
+
+def auto_alpha_report(frame: pd.DataFrame, auto: Condition, fixed: Sequence[Condition], *,
+                      fixed_selected_on: str = "train") -> dict[str, Any]:
+    """An automatic alpha against fixed alphas on the same prompts: its EM, the EM of the best
+    fixed alpha among `fixed` (the same method's heads and directions; `fixed_selected_on` says
+    where that best one was picked: "train", or "test" for a description of this frame), and
+    the per-input ceiling (a prompt counts as solved when any fixed alpha, or alpha 0, solves
+    it), plus what it costs: one probe step per prompt with one row per candidate alpha."""
+    base = Condition.baseline().key
+    keys = [c.key for c in fixed]
+    sub = frame[frame.condition.isin(keys + [auto.key, base])]
+    wide = sub.pivot_table(index="sample_id", columns="condition", values="score", aggfunc="first")
+    need = [k for k in keys + [auto.key, base] if k in wide]
+    wide = wide.dropna(subset=need)
+    fixed_em = {k: float(wide[k].mean()) for k in keys if k in wide}
+    best = max(fixed_em, key=fixed_em.get) if fixed_em else None
+    grid = DROP_ALPHAS if auto.method == "focus_drop" else AUTO_ALPHAS
+    return {"n": int(len(wide)), "em_auto": float(wide[auto.key].mean()) if auto.key in wide else float("nan"),
+            "em_baseline": float(wide[base].mean()) if base in wide else float("nan"),
+            "best_fixed": best, "em_best_fixed": fixed_em.get(best, float("nan")),
+            "best_fixed_selected_on": fixed_selected_on,
+            "em_ceiling": float(wide[[k for k in keys + [base] if k in wide]].max(axis=1).mean()),
+            "probe_rows_per_prompt": len(grid), "probe_steps_per_prompt": 1}
 
 
 def bias_shares(

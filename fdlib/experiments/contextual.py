@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
+import torch
 from jaxtyping import Float
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
@@ -141,3 +143,38 @@ def contextual_study(
         kw = dict(store=db, max_new_tokens=max_new_tokens, shard=shard, progress=progress, desc="scoring samples")
         frames = [run_study(model, samples, [Condition.baseline(samples[0].variant)], **kw) for samples in (long, gold)]
     return ContextualStudy(scored(model, frames[0], long), scored(model, frames[1], gold), n_docs)
+
+
+def committed_ranking(
+    model: TransformerBridge,
+    store: str | Path | Store,
+    *,
+    size: str | int = "quick",
+    split: str = "train",
+    n_docs: int = 20,
+    gold_position: int | None = None,
+) -> tuple[list[Head], str]:
+    """Every head ranked by its mean relevant score on the long inputs of `contextual_study`'s
+    questions (the same ranking as `ContextualStudy.heads`), read from rows already stored, in
+    whatever dtype they were made: a study in another dtype then intervenes on the heads the
+    committed ranking chose (a setting chosen on train questions), not on its own re-ranking.
+    Returns the ranking and the rows' dtype; raises when a question's row is missing or the
+    rows were made by another model."""
+    from fdlib.model.loading import model_name
+    from fdlib.study.runner import study_frame
+
+    long = NQBuilder(model.tokenizer).samples(split=split, size=size, n_docs=n_docs, gold_position=gold_position)
+    frame = study_frame(store, [Condition.baseline("long")], samples=long)
+    missing = sorted({s.id for s in long} - set(frame.get("sample_id", [])))
+    if missing:
+        raise ValueError(f"{store}: no stored long-input row for {len(missing)} of {len(long)} questions "
+                         f"(e.g. {missing[:3]}): run contextual_study there first")
+    if set(frame.model) != {model_name(model)}:
+        raise ValueError(f"{store}: rows made by {sorted(set(frame.model))}, not by {model_name(model)!r}")
+    dtypes = sorted(set(frame.dtype))
+    if len(dtypes) != 1:
+        raise ValueError(f"{store}: the long-input rows mix dtypes {dtypes}")
+    by_id = dict(zip(frame.sample_id, frame.relevant_score))  # in the questions' order, as `mean_scores` sums
+    scores = torch.nanmean(torch.stack([torch.from_numpy(np.asarray(by_id[s.id])) for s in long]), 0)
+    n = model.cfg.n_layers * model.cfg.n_heads
+    return top_heads(scores, n), dtypes[0]

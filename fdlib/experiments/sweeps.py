@@ -77,6 +77,30 @@ def focus_grid(
     return (baselines() if with_baselines else []) + grid
 
 
+# The paper's focus-direction evaluation: the gold document at each of these positions among 20,
+# 100 new tokens, directions on every row (the authors' placement) on the release's k = 20 heads.
+PAPER_POSITIONS: tuple[int, ...] = (1, 5, 10, 15, 20)
+PAPER_NEW_TOKENS = 100
+# The alpha curve (rows="all": one prefill per condition and prompt): from alpha < 0 on past the
+# paper's overshoot (alpha = 1 on its directions), random heads at a few alphas.
+ALPHA_CURVES: dict[str, dict] = {
+    "quick": dict(alphas=(0.3,), random_alphas=(0.3,), k=20),
+    "paper": dict(alphas=(-0.5, -0.2, 0.1, 0.2, 0.3, 0.5, 1.0, 1.5, 2.0), random_alphas=(0.3, 1.0), k=20),
+}
+ALPHA_CURVES["full"] = ALPHA_CURVES["paper"]
+
+
+def alpha_curve(size: Size = "quick", *, directions: str, alphas: Sequence[float] | None = None,
+                random_alphas: Sequence[float] | None = None, k: int | None = None,
+                seeds: Sequence[int] = (0,)) -> list[Condition]:
+    """The long baseline, then focus directions at each alpha on every row (`rows="all"`) of the
+    top-k contextual heads, and on k random heads (per seed) at `random_alphas`."""
+    g = ALPHA_CURVES[size] if isinstance(size, str) else ALPHA_CURVES["quick"]
+    return [Condition.baseline()] + focus_conditions(
+        g["alphas"] if alphas is None else alphas, (g["k"] if k is None else k,), directions=directions, seeds=seeds,
+        random_alphas=g["random_alphas"] if random_alphas is None else random_alphas, rows="all")
+
+
 @dataclass(frozen=True)
 class QuestionInputs:
     """The three variants of one question; `long` holds the gold span the intervention uses."""
@@ -102,8 +126,10 @@ def question_inputs(
     split: str = "test",
     size: Size | int = "quick",
     n_docs: int = 20,
-    gold_position: int | None = None,
+    gold_position: int | Sequence[int] | None = None,
 ) -> list[QuestionInputs]:
+    """Per question its long (gold at `gold_position`: one, or a sequence rotated over the
+    questions), gold-only and negative prompts."""
     b = NQBuilder(model.tokenizer)
     kw = dict(split=split, size=size)
     long = b.samples(n_docs=n_docs, gold_position=gold_position, **kw)
@@ -121,19 +147,28 @@ def sweep_samples(questions: Sequence[QuestionInputs], conditions: Sequence[Cond
 
 def em_table(frame: pd.DataFrame, *, level: float = 0.95) -> pd.DataFrame:
     """EM with bootstrap CIs per condition; random-head seeds are pooled per (method, value, k).
-    `tau` / `alpha` columns carry the value of split-softmax / focus conditions (for plots)."""
+    `tau` / `alpha` columns carry the value of split-softmax / focus conditions (for plots).
+    A prompt's EM is its mean over seeds; `em` is the mean over prompts, `n` the prompts and
+    `n_questions` the questions (`question_id` of `sample_id`). The interval resamples questions:
+    a question with several prompts (e.g. gold positions) is drawn with all of them; with one
+    prompt per question it is the plain bootstrap over prompts."""
+    from fdlib.core.metrics import question_ids
+
     f = frame.copy()
     for col, fill in (("heads", "none"), ("directions", "none"), ("rows", "response")):
         f[col] = f[col].fillna(fill)
     for col in ("value", "k"):
         f[col] = f[col].astype(float)
+    f["_question"] = question_ids(f["sample_id"])
     keys = ["method", "input", "heads", "directions", "rows", "value", "k"]
     rows = []
     for vals, g in f.groupby(keys, dropna=False):
-        # pool seeds: a question's EM is its mean over seeds, so each question counts once
-        per_q = g.groupby("group")["em"].mean().to_numpy(dtype=float)
-        mean, lo, hi = bootstrap_ci(per_q, level=level)
-        rows.append({**dict(zip(keys, vals)), "em": mean, "lo": lo, "hi": hi, "n": len(per_q)})
+        # pool seeds: a prompt's EM is its mean over seeds, so each prompt counts once; sorted by question
+        per_p = g.groupby(["_question", "sample_id"])["em"].mean()
+        questions = per_p.index.get_level_values("_question").to_numpy(dtype=object)
+        mean, lo, hi = bootstrap_ci(per_p.to_numpy(dtype=float), level=level, groups=questions)
+        rows.append({**dict(zip(keys, vals)), "em": mean, "lo": lo, "hi": hi, "n": len(per_p),
+                     "n_questions": len(set(questions))})
     out = pd.DataFrame(rows)
     out["tau"] = np.where(out["method"] == "split", out["value"], np.nan)
     out["alpha"] = np.where(out["method"] == "focus", out["value"], np.nan)

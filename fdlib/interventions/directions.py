@@ -21,7 +21,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -29,6 +29,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from fdlib.core.heads import Head, check_heads, heads_by_layer
 from fdlib.core.store import atomic_write
@@ -38,8 +41,8 @@ from fdlib.model.decoding import first_row_position, hooks
 from fdlib.model.loading import model_name
 
 Placement = Literal["post_rope", "pre_rope"]
-TrainingSet = Literal["gold", "long", "shuffled"]
-TRAINING_SETS: tuple[str, ...] = ("gold", "long", "shuffled")
+TrainingSet = Literal["gold", "long", "shuffled", "positions"]
+TRAINING_SETS: tuple[str, ...] = ("gold", "long", "shuffled", "positions")
 FORMAT = "fdlib.focus_directions/1"
 
 
@@ -121,6 +124,21 @@ class FocusDirections:
             int(meta["split_seed"]), meta.get("settings", {}),
         )
         return out.check(model) if model is not None else out
+
+
+def direction_norms(directions: FocusDirections, heads: Sequence[Head], *, source: str = "") -> pd.DataFrame:
+    """Per head (in the order given, with its rank): |d_Q|, |d_K|, and both divided by
+    sqrt(d_head), the scale that compares models of different head widths (a query's own norm
+    grows like sqrt(d_head))."""
+    import pandas as pd
+
+    d = directions.shape[-1]
+    rows = []
+    for rank, (l, h) in enumerate(heads, 1):
+        q, k = float(directions.d_q[l, h].norm()), float(directions.d_k[l, h].norm())
+        rows.append({"source": source or directions.model_name, "rank": rank, "head": f"L{l}H{h}", "d_head": d,
+                     "dq_norm": q, "dk_norm": k, "dq_per_sqrt_d": q / d ** 0.5, "dk_per_sqrt_d": k / d ** 0.5})
+    return pd.DataFrame(rows)
 
 
 class _Softcaps:

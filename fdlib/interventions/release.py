@@ -22,9 +22,12 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformer_lens.model_bridge import TransformerBridge
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from fdlib.core.heads import Head
 from fdlib.interventions.directions import FocusDirections
@@ -146,3 +149,14 @@ def load_release(model: TransformerBridge) -> tuple[FocusDirections, list[Head]]
         directions, model_name=name, settings={**directions.settings, "release_model": spec.hf_name}
     )
     return directions.check(model), released_heads(spec.hf_name)
+
+
+def release_norms(k: int = RELEASE_K) -> pd.DataFrame:
+    """`direction_norms` of every released model's top-k heads (its own ranking): the scale of
+    the authors' directions, to compare trained ones with."""
+    import pandas as pd
+
+    from fdlib.interventions.directions import direction_norms
+
+    return pd.concat([direction_norms(released_directions(m), released_heads(m)[:k], source=m)
+                      for m in RELEASED_MODELS], ignore_index=True)

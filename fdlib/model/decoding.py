@@ -121,24 +121,41 @@ def _new_cache(model: TransformerBridge) -> Any:
 
 
 @torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
-def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: bool = True) -> Prefix:
+def prefill(model: TransformerBridge, tokens: Tensor | Sequence[int], *, fast: bool = True,
+            reuse: Prefix | None = None) -> Prefix:
     """Compute the KV cache of all prompt tokens but the last.
 
     `fast=True` uses the sdpa twin from `load_model`: no eager attention and no hooks, right
     whenever nothing edits the prompt rows. `fast=False` (or a bridge without a twin) runs the
     bridge itself, so hooks that edit prompt rows (e.g. `from_pos=0`) see them.
+    `reuse`: a prefix whose cache holds the keys and values of the first positions of its
+    `tokens` (it may hold more than `length - 1`, e.g. after a forward over an answer); its cache
+    is cut back to the longest common prefix with `tokens` and continued from there, and is
+    consumed (the returned prefix owns it). Causal attention makes the kept positions exactly
+    those a fresh prefill computes, up to floating-point summation order.
     """
     synced(model)  # a bridge moved or cast since loading: its twin and rotary tables follow
     ids = _as_ids(tokens).to(model.cfg.device)
     check_supported(model, "decode")
     check_length(model, ids.shape[0])
-    cache = _new_cache(model)
-    if ids.shape[0] > 1:
+    start = 0
+    if reuse is not None:
+        held = min(_cache_len(reuse.cache), int(reuse.tokens.shape[0]), int(ids.shape[0]) - 1)
+        same = (reuse.tokens[:held].to(ids.device) == ids[:held]).long()
+        start = int(same.cumprod(0).sum()) if held > 0 else 0
+    if start > 0:
+        cache = reuse.cache
+        drop = _cache_len(cache) - start
+        if drop:
+            cache.crop(-drop)  # transformers' crop takes minus the number of tokens to drop
+    else:
+        cache = _new_cache(model)
+    if ids.shape[0] - 1 > start:
         twin = fast_prefill_model(model) if fast else None
         if twin is not None:
-            twin(ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            twin(ids[None, start:-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
         else:
-            model(ids[None, :-1], past_key_values=cache, return_type=None)
+            model(ids[None, start:-1], past_key_values=cache, return_type=None)
     return Prefix(cache=cache, tokens=ids)
 
 

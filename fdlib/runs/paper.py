@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fdlib.core.store import BASE_DTYPE, Store, atomic_write, export_results, merge_stores
+from fdlib.core.store import BASE_DTYPE, RESULTS_SUFFIX, Store, atomic_write, export_results, merge_stores, results_rows
 from fdlib.runs.workspace import PAPER, Workspace
 
 # The stores each notebook's studies keep (`Workspace.store` names), in run order. A notebook
@@ -96,21 +96,32 @@ def hms(seconds: float) -> str:
 
 def study_status(ws: Workspace) -> list[dict[str, Any]]:
     """Per study: the dtype of its rows (the workspace's), rows stored vs asked for, decoding time
-    so far, an ETA, store and results sizes."""
+    so far, an ETA, store and results sizes.
+
+    `rows` are the distinct (sample, condition) rows its stores hold (the unsharded one and its
+    shards, as a merge and `export` would write them), never the progress lines' sum: a call
+    rerun with more conditions or prompts keeps its earlier call's line, whose rows the new line
+    counts again. `expected` is `rows` plus the rows the calls still lack (each line's asked-for
+    minus stored; the unsharded store's lines where it has any, else the shards'), so a finished
+    study reads `rows == expected`. `seconds` is the decoding wall time of every call into its
+    stores (and a seeded store's committed run), rows later superseded or replaced included: the
+    store keeps no time per row, so it is what the run cost, not a rate of the rows it holds."""
     out = []
     for nb, names in NOTEBOOK_STUDIES.items():
         for name in names:
             path = working_file(ws, name)
             kept = name in KEPT and path.exists()  # a `keep` JSON: no rows, no ledger
             stores = [] if name in KEPT else [p for p in [path, *shard_stores(ws, name)] if p.exists()]
-            # rows: the unsharded store's own runs where it has any (after a merge, its rerun sees
-            # every row), else the shards' sum; time: every store's, summed
+            # rows left: the unsharded store's own runs where it has any (after a merge, its rerun
+            # sees every row), else the shards'; time: every store's, summed
             counts: dict[Path, tuple[int, int]] = {}
             lines: dict[Path, list[tuple[int, float | None]]] = {}  # per store: (rows left, s/row of its call)
+            held: set[tuple[str, str]] = set()  # (sample, condition) of every stored row
             seconds, earlier, computed, elsewhere = 0.0, 0.0, 0, 0
             for p in stores:
                 with Store(p) as db:
                     prog = db.progress()
+                    held |= set(db.setups())
                 # a seeded store's committed line counts its rows until the calls that made them
                 # rerun here (their lines count the same rows again), and its time always
                 seeded = [r for r in prog if r["study"] == COMMITTED]
@@ -124,8 +135,10 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
                 elsewhere += sum(r["elsewhere_bytes"] for r in seeded)
                 computed += sum(r["computed"] for r in runs)
             main_counts = counts.get(path, (0, 0))
-            expected, done = main_counts if main_counts[0] else (
+            asked, done = main_counts if main_counts[0] else (
                 sum(c[0] for c in counts.values()), sum(c[1] for c in counts.values()))
+            rows = len(held)
+            expected = rows + max(0, asked - done)
             results = committed_file(ws, name)
             # Each call's rows left at that call's own rate (a study's calls differ: 03's comparison
             # cell decodes ~4x slower than its grid); a call not yet decoding anything at the study's
@@ -136,14 +149,14 @@ def study_status(ws: Workspace) -> list[dict[str, Any]]:
             eta = left / max(1, len([p for p in used if p != path]))
             seconds += earlier
             out.append({
-                "notebook": nb, "study": name, "dtype": ws.dtype, "rows": done, "expected": expected,
+                "notebook": nb, "study": name, "dtype": ws.dtype, "rows": rows, "expected": expected,
                 "seconds": round(seconds, 1), "eta_seconds": round(eta, 1),
                 # a seeded store holds the committed rows compactly: count them at the size they took
                 "store_bytes": sum(p.stat().st_size for p in stores) + (path.stat().st_size if kept else 0)
                 + elsewhere,
                 "results_bytes": results.stat().st_size if results.exists() else 0,
                 "state": "kept" if kept else (
-                    "not started" if not stores else "complete" if expected and done == expected else "started"),
+                    "not started" if not stores else "complete" if expected and rows == expected else "started"),
             })
     return out
 
@@ -203,15 +216,54 @@ def export(ws: Workspace, notebooks: Sequence[str]) -> list[Path]:
     return written
 
 
+def recount(entry: dict[str, Any], results: Path) -> dict[str, Any]:
+    """A ledger entry whose counts are its committed results file's: `rows` is the rows that file
+    holds (nothing else: not a working store's, not the progress lines' sum), `expected` those
+    rows plus the rows the entry says are still to decode (`expected - rows` as given, never
+    negative), `state` and `results_bytes` follow. A `keep` study's entry (no rows) is returned
+    as it is; every other field (time, store size, ETA) is kept."""
+    if entry.get("state") == "kept" or not results.name.endswith(RESULTS_SUFFIX):
+        return dict(entry)
+    left = max(0, int(entry.get("expected") or 0) - int(entry.get("rows") or 0))
+    rows = results_rows(results) if results.exists() else 0
+    return {**entry, "rows": rows, "expected": rows + left,
+            "results_bytes": results.stat().st_size if results.exists() else 0,
+            "state": "complete" if rows and not left else "started"}
+
+
+def recount_manifest(ws: Workspace) -> Path | None:
+    """Rewrite `ws`'s manifest with every study's counts taken from its committed results file
+    (`recount`), without a working store and without decoding anything; None where there is no
+    manifest. `write_manifest` does the same after an export."""
+    path = ws.results / "manifest.json"
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest["studies"] = {name: recount(entry, committed_file(ws, name))
+                           for name, entry in manifest.get("studies", {}).items()}
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
 def write_manifest(ws: Workspace) -> Path:
     """`results/[<model>/][<dtype>/]manifest.json`: per study its dtype, rows, wall time and sizes,
     and how they were made. An entry without a dtype (written before the dtype was a setting) is
-    float32."""
+    float32.
+
+    The ledger counts exactly the rows the committed files hold: each study's `rows` is its
+    committed results file's row count and `expected` those plus the rows its calls still lack
+    (`recount`), never the working store's progress lines, which count a call's rows again when
+    it is rerun with more conditions or prompts. Entries of studies not in the working stores
+    (an earlier run's) are recounted from their files too. `seconds` is the decoding wall time of
+    every call that went into the study (`study_status`), time spent on rows since superseded or
+    replaced included (the stores keep no time per row): it is what the run cost, not a count."""
     import torch
 
     path = ws.results / "manifest.json"
     old = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     studies = {r["study"]: r for r in study_status(ws) if r["state"] != "not started"}
+    studies = {name: recount(entry, committed_file(ws, name))
+               for name, entry in {**old.get("studies", {}), **studies}.items()}
     env, flag = ("", "") if ws.dtype == BASE_DTYPE else (f"FDLIB_DTYPE={ws.dtype} ", f" --dtype {ws.dtype}")
     manifest = {
         "command": f"{env}./dev figures paper  (python -m fdlib paper run{flag}; then python -m fdlib reproduce "
@@ -219,7 +271,7 @@ def write_manifest(ws: Workspace) -> Path:
         "model": ws.model, "dtype": ws.dtype, "size": PAPER,
         "machine": old.get("machine") or {"platform": platform.platform(), "cpus": os.cpu_count(),
                                           "torch_threads": torch.get_num_threads()},
-        "studies": {**old.get("studies", {}), **studies},
+        "studies": studies,
     }
     text = json.dumps(manifest, indent=1, sort_keys=True)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))

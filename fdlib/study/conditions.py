@@ -19,13 +19,21 @@ from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.reweighting import IDENTITY, PARAMETER, SPAN_MAPS, check_strength
 from fdlib.interventions.row import RowIntervention
 
-Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate"]
-METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "ablate")
-# Focus directions with alpha chosen per input, by an absolute or a relative sink target.
-AUTO: tuple[str, ...] = ("focus_auto", "focus_kept")
+Method = Literal["baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "focus_drop", "ablate"]
+METHODS: tuple[str, ...] = ("baseline", "split", "odds", "boost", "focus", "focus_auto", "focus_kept", "focus_drop",
+                            "ablate")
+# Focus directions with alpha chosen per input: the closest to an absolute or a relative sink
+# target (`focus_auto`, `focus_kept`), or the smallest that removes a share of the input's own
+# sink share (`focus_drop`).
+AUTO: tuple[str, ...] = ("focus_auto", "focus_kept", "focus_drop")
 FOCUS: tuple[str, ...] = ("focus",) + AUTO
 # Automatic alpha: the candidates one probe step tries per input (`fdlib.study.runner.choose_alpha`).
 AUTO_ALPHAS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+# `focus_drop`'s candidates: finer where small alphas already move the sink, on to the overshoot.
+DROP_ALPHAS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0)
+# The sink span the automatic alphas measure (`fdlib.data.nq`: "sink" is token 0, "sink2"
+# tokens 0-1, the authors' definition).
+AUTO_SINK: dict[str, str] = {"focus_auto": "sink", "focus_kept": "sink", "focus_drop": "sink2"}
 Rows = Literal["response", "all"]
 RANDOM = "random"  # the head choice drawing k heads with a seed
 LIST = "list"  # the head choice naming its heads
@@ -42,6 +50,9 @@ class Condition:
       the heads' attention on the sink at the first answer row, see `fdlib.study.runner.choose_alpha`);
       "focus_kept" (the same with a relative target: `value` is the fraction of the input's own
       unsteered sink share to keep);
+      "focus_drop" (per input, the smallest alpha whose directions remove at least the share
+      `value` of the heads' own unsteered attention on the sink, tokens 0-1, at the first answer
+      row; measured and targeted on the same heads and row);
       "ablate" (the heads' outputs zeroed).
     - where: `heads` names a ranking handed to the runner (e.g. "contextual", "retrieval"), whose
       first `k` are used; or `heads="random"` with `k` and `seed`; or `heads="list"` with
@@ -85,7 +96,8 @@ class Condition:
             if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
                 raise ValueError(f"{self.parameter} must be a finite number, got {self.value!r}")
             if self.method in AUTO and not 0 < self.value < 1:
-                what = "target sink share" if self.method == "focus_auto" else "fraction of the sink share kept"
+                what = {"focus_auto": "target sink share", "focus_kept": "fraction of the sink share kept",
+                        "focus_drop": "share of the sink share removed"}[self.method]
                 raise ValueError(f"the {what} must be in (0, 1), got {self.value!r}")
             if self.method in AUTO and self.rows != "response":
                 raise ValueError(f"automatic alpha probes the shared prefix: rows must be 'response': {self}")
@@ -147,6 +159,11 @@ class Condition:
         return cls("focus_kept", kept, directions=directions, input=input, **_where(heads, k, seed))
 
     @classmethod
+    def focus_drop(cls, drop: float, directions: str, heads: str | Sequence[Head] = "contextual",
+                   k: int | None = None, *, seed: int | None = None, input: str = "long") -> "Condition":
+        return cls("focus_drop", drop, directions=directions, input=input, **_where(heads, k, seed))
+
+    @classmethod
     def ablate(cls, heads: str | Sequence[Head] = "contextual", k: int | None = None, *, seed: int | None = None,
                rows: Rows = "response", input: str = "long") -> "Condition":
         return cls("ablate", rows=rows, input=input, **_where(heads, k, seed))
@@ -174,7 +191,7 @@ class Condition:
         """The name of `value`: tau, a, m, alpha, or the automatic alpha's sink target or kept fraction."""
         if self.is_reweight:
             return PARAMETER[self.method]
-        return {"focus": "alpha", "focus_auto": "sink", "focus_kept": "kept"}.get(self.method)
+        return {"focus": "alpha", "focus_auto": "sink", "focus_kept": "kept", "focus_drop": "drop"}.get(self.method)
 
     def head_set(self, rankings: dict[str, Sequence[Head]], n_layers: int, n_heads: int) -> list[Head]:
         """The heads this condition acts on, resolved against named rankings and the model's size."""
@@ -206,6 +223,11 @@ class Condition:
                 raise ValueError(f"{self.key}: choose its alpha first (choose_alpha)")
             if self.directions not in directions:
                 raise ValueError(f"condition {self.key!r} needs directions {self.directions!r}; given: {sorted(directions)}")
+            d = directions[self.directions]
+            untrained = [head_label(l, h) for l, h in heads if not (d.d_q[l, h].any() or d.d_k[l, h].any())]
+            if untrained:
+                raise ValueError(f"condition {self.key!r}: directions {self.directions!r} hold no trained vector for "
+                                 f"heads {untrained} (a set trained on other heads); train them or choose other heads")
             return RowIntervention(tuple(heads), directions=directions[self.directions],
                                    alpha=self.value if alpha is None else alpha)
         return RowIntervention(tuple(heads), ablate=True)

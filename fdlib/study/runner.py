@@ -37,8 +37,8 @@ from fdlib.interventions.engine import Job, decode_jobs, first_row_scores
 from fdlib.interventions.row import RowIntervention, intervene
 from fdlib.model.decoding import Prefix, check_length, decode, prefill
 from fdlib.model.loading import dtype_name, model_dtype, model_name, synced
-from fdlib.study.conditions import AUTO, AUTO_ALPHAS, FOCUS, Condition
-from fdlib.study.scores import KINDS, kind_scores
+from fdlib.study.conditions import AUTO, AUTO_ALPHAS, AUTO_SINK, DROP_ALPHAS, FOCUS, Condition
+from fdlib.study.scores import EXTRA_KINDS, KINDS, kind_scores
 
 Engine = Literal["batched", "sequential"]
 DECODING = "greedy; stop at eos, or at a newline once the answer has text"
@@ -119,10 +119,11 @@ def span_kinds(scores: Mapping[str, Tensor], spans: Mapping[str, Span]) -> dict[
     of `fdlib.study.scores.kind_scores` (NaN where the prompt leaves one undefined); without, the
     `relevant` and `sink` scores."""
     docs = sorted((n for n in spans if n.startswith("doc") and n[3:].isdigit()), key=lambda n: int(n[3:]))
+    extra = {k: scores[k] for k in EXTRA_KINDS if k in scores}
     if not docs:
-        return {k: scores[k] for k in ("relevant", "sink") if k in scores}
+        return {**{k: scores[k] for k in ("relevant", "sink") if k in scores}, **extra}
     gold = next((i for i, n in enumerate(docs) if spans[n] == spans.get("relevant")), None)
-    return kind_scores(torch.stack([scores[n] for n in docs]), gold, scores["sink"])
+    return {**kind_scores(torch.stack([scores[n] for n in docs]), gold, scores["sink"]), **extra}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,28 +197,40 @@ class _Planned:
 
 def choose_alpha(
     model: TransformerBridge, prefix: Prefix, sample: StudySample, heads: Sequence[Head], directions: FocusDirections,
-    target_sink: float, alphas: Sequence[float] = AUTO_ALPHAS, *, relative: bool = False,
+    value: float, alphas: Sequence[float] | None = None, *, rule: str = "focus_auto",
 ) -> float:
-    """Automatic alpha: the candidate whose focus directions bring the heads' mean attention on
-    the sink, at the row that produces the first answer token, closest to `target_sink` (e.g. the
-    heads' mean sink score on gold-only training inputs: as much attention moved from the sink to
-    the context as a model that sees only the gold document gives it). With `relative`, the
-    target is `target_sink` times the input's own unsteered sink share (the fraction of it kept;
-    `alphas` must then start at 0, the unsteered row). One extra forward over the shared prefix,
-    every candidate a row; ties go to the smaller alpha."""
-    if relative and alphas[0] != 0:
-        raise ValueError(f"a relative target needs alpha 0 as the first candidate, got {list(alphas)}")
+    """Automatic alpha from one probe step: every candidate alpha a row of one forward over the
+    shared prefix, each measuring the heads' mean attention on the sink at the row that produces
+    the first answer token. The rule is the condition's method (`AUTO_SINK` names its sink):
+
+    - `focus_auto`: the candidate closest to the absolute share `value`;
+    - `focus_kept`: the candidate closest to `value` times the input's own unsteered share;
+    - `focus_drop`: the smallest candidate whose share is at most (1 - `value`) times the
+      unsteered share (at least the share `value` of it moved off the sink), the largest
+      candidate when none is (then it sits at the grid's end, as `chosen_alphas` reports).
+
+    Relative rules need alpha 0 as the first candidate (the unsteered row); ties go to the
+    smaller alpha."""
+    if rule not in AUTO:
+        raise ValueError(f"rule must be one of {AUTO}, got {rule!r}")
+    alphas = list(alphas if alphas is not None else (DROP_ALPHAS if rule == "focus_drop" else AUTO_ALPHAS))
+    if rule != "focus_auto" and alphas[0] != 0:
+        raise ValueError(f"a relative target needs alpha 0 as the first candidate, got {alphas}")
+    span = AUTO_SINK[rule]
     rows = [RowIntervention(tuple(heads), directions=directions, alpha=a) for a in alphas]
-    sums = first_row_scores(model, prefix, rows, {"sink": sample.spans()["sink"]})  # [candidates, L, H, 1]
+    sums = first_row_scores(model, prefix, rows, {span: sample.spans()[span]})  # [candidates, L, H, 1]
     idx = torch.as_tensor(list(heads), dtype=torch.long)
     sink = sums[:, idx[:, 0], idx[:, 1], 0].mean(-1)  # [candidates]
-    target = target_sink * sink[0] if relative else target_sink
+    if rule == "focus_drop":
+        reached = (sink <= (1 - value) * sink[0]).nonzero()
+        return float(alphas[int(reached[0]) if len(reached) else len(alphas) - 1])
+    target = value * sink[0] if rule == "focus_kept" else value
     return float(alphas[int(torch.argmin((sink - target).abs()))])
 
 
 def _auto_alphas(model, prefix: Prefix, s: StudySample, planned: Sequence[_Planned], directions) -> dict[tuple, float]:
     return {p.runs_as: choose_alpha(model, prefix, s, p.heads, directions[p.condition.directions], p.condition.value,
-                                    relative=p.condition.method == "focus_kept")
+                                    rule=p.condition.method)
             for p in planned if p.condition.method in AUTO}
 
 
@@ -517,7 +530,7 @@ def study_frame(
             row["dtype"] = setup_dtype(setup)
             if rec.get("metric") == "em":
                 row["em"] = bool(rec["score"])
-            for kind in KINDS:
+            for kind in KINDS + EXTRA_KINDS:
                 row[f"{kind}_score"] = r.arrays.get(kind)
             out.append(row)
     frame = pd.DataFrame(out)

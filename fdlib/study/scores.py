@@ -27,7 +27,10 @@ from fdlib.model.arch import check_supported
 from fdlib.model.decoding import Answer, SpanRecorder, _as_ids, check_length, decode, hooks, prefill
 
 KINDS = ("relevant", "irrelevant", "irmax", "sink")
-KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink"}
+# Kinds stored where recorded (rows made before they were recorded lack them): `sink2`, the
+# attention on tokens 0-1, the sink of the authors' code (`sink` is token 0).
+EXTRA_KINDS = ("sink2",)
+KIND_LABELS = {"relevant": "R", "irrelevant": "IR", "irmax": "IR-max", "sink": "Sink", "sink2": "Sink 0-1"}
 
 
 @torch.no_grad()  # not inference_mode: the cache buffers must stay writable afterwards
@@ -118,16 +121,17 @@ def frame_scores(
     for sample in samples:
         r = by_key[(sample.id, condition or f"baseline|{sample.variant}")]
         kinds = {}
-        for k in KINDS:
-            a = getattr(r, f"{k}_score")
-            kinds[k] = torch.from_numpy(np.asarray(a)) if a is not None else nan
+        for k in KINDS + EXTRA_KINDS:
+            a = getattr(r, f"{k}_score", None)
+            if a is not None or k in KINDS:
+                kinds[k] = torch.from_numpy(np.asarray(a)) if a is not None else nan
         out.append(SampleScores(sample.id, sample.variant, r.answer, bool(r.score), kinds))
     return out
 
 
 def stack_kind(results: Sequence[SampleScores], kind: str) -> Float[Tensor, "sample n_layers n_heads"]:
-    if kind not in KINDS:
-        raise ValueError(f"unknown score kind {kind!r}: expected one of {KINDS}")
+    if kind not in KINDS + EXTRA_KINDS:
+        raise ValueError(f"unknown score kind {kind!r}: expected one of {KINDS + EXTRA_KINDS}")
     if not results:
         raise ValueError("no results to aggregate")
     return torch.stack([r.kinds[kind] for r in results])
@@ -159,12 +163,14 @@ def head_table(
     *,
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """Per head: mean R, IR, IR-max, Sink over samples with bootstrap CIs (the paper's Table 1)."""
+    """Per head: mean R, IR, IR-max, Sink over samples with bootstrap CIs (the paper's Table 1),
+    and Sink 0-1 where every sample has it."""
     rows = []
-    stacks = {k: stack_kind(results, k) for k in KINDS}
+    kinds = KINDS + tuple(k for k in EXTRA_KINDS if results and all(k in r.kinds for r in results))
+    stacks = {k: stack_kind(results, k) for k in kinds}
     for layer, head in heads:
         row: dict[str, object] = {"head": head_label(layer, head)}
-        for kind in KINDS:
+        for kind in kinds:
             mean, lo, hi = bootstrap_ci(stacks[kind][:, layer, head].numpy(), level=level)
             label = KIND_LABELS[kind]
             row[label], row[f"{label} lo"], row[f"{label} hi"] = mean, lo, hi

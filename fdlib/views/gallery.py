@@ -14,13 +14,19 @@ from typing import Any
 from fdlib.core.store import BASE_DTYPE, atomic_write
 
 START, END = "<!-- gallery:start -->", "<!-- gallery:end -->"
+RESAMPLED = ("questions", "prompts")  # what a finding's interval resamples
+SELECTED_ON = ("train", "test")  # where a finding's cell was chosen
+TEST_SELECTED = " (best cell on the test set)"  # the label of a cell chosen on the test set
 
 
 def record_findings(notebook: str, findings: list[dict[str, Any]], directory: str | Path = "figures",
                     *, size: str | int | None = None, dtype: str | None = None) -> Path:
     """Write a notebook's headline numbers to `<directory>/data/<notebook>_findings.json`.
 
-    Each finding: `finding` (text) and `value`, optionally `lo`, `hi` (a 95% interval), `n`.
+    Each finding: `finding` (text) and `value`, optionally `lo`, `hi` (a 95% interval), `n`,
+    `n_questions` (where `n` counts prompts and questions have several), `resampled` (what the
+    interval resamples: "questions" or "prompts") and `selected_on` ("train" or "test": where the
+    reported cell, e.g. the best of a grid, was chosen; the table labels test-chosen cells).
     `size` is the run's size (`paper`, `quick`, a count) and `dtype` the model's ("float32",
     "bfloat16", ...: `Workspace.dtype`), shown beside them in the gallery ("paper, float32"); a
     findings file without a dtype reads as float32.
@@ -37,6 +43,13 @@ def record_findings(notebook: str, findings: list[dict[str, Any]], directory: st
                 row[key] = float(f[key])
         if f.get("n") is not None:
             row["n"] = int(f["n"])
+        if f.get("n_questions") is not None:
+            row["n_questions"] = int(f["n_questions"])
+        for key, allowed in (("resampled", RESAMPLED), ("selected_on", SELECTED_ON)):
+            if f.get(key) is not None:
+                if f[key] not in allowed:
+                    raise ValueError(f"a finding's {key!r} must be one of {allowed}, got {f[key]!r}")
+                row[key] = str(f[key])
         rows.append(row)
     path = Path(directory) / "data" / f"{notebook}_findings.json"
     head = {"notebook": notebook, **({} if size is None else {"size": str(size)}),
@@ -67,8 +80,14 @@ def _findings_table(figures: Path, notebooks: Path, prefix: str, link: str) -> l
     lines = ["| notebook | finding | value | 95% interval | n | size, dtype |", "| --- | --- | --- | --- | --- | --- |"]
     for stem, size, f in rows:
         ci = f"[{_fmt(f['lo'])}, {_fmt(f['hi'])}]" if "lo" in f and "hi" in f else ""
-        lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {f['finding']} | {_fmt(f['value'])} | {ci} "
-                     f"| {f.get('n', '')} | {size} |")
+        if ci and "resampled" in f:
+            ci += f" ({f['resampled']} resampled)"
+        finding = f["finding"] + (TEST_SELECTED if f.get("selected_on") == "test" else "")
+        n = f.get("n", "")
+        if "n_questions" in f and f["n_questions"] != f.get("n"):
+            n = f"{n} ({f['n_questions']} questions)" if n != "" else f"{f['n_questions']} questions"
+        lines.append(f"| [`{stem[:2]}`]({prefix}notebooks/{stem}.ipynb) | {finding} | {_fmt(f['value'])} | {ci} "
+                     f"| {n} | {size} |")
     return lines + [""]
 
 
@@ -79,7 +98,11 @@ def _hours(seconds: float) -> str:
 def results_markdown(results: str | Path = "results") -> str:
     """The paper-size run's ledger from `results/manifest.json`: per study, the dtype of its rows,
     the rows stored of those asked for, the wall time, and the sizes of its working store and
-    committed file. A study entry (or manifest) that names no dtype is float32."""
+    committed file. A study entry (or manifest) that names no dtype is float32.
+
+    The rows are the manifest's, which `fdlib.runs.paper.write_manifest` (and `recount_manifest`)
+    take from the committed results files: the ledger counts exactly the rows those files hold.
+    A `keep` study (state "kept", or an entry without a state that asks for no rows) has none."""
     path = Path(results) / "manifest.json"
     if not path.exists():
         return ""
@@ -91,7 +114,8 @@ def results_markdown(results: str | Path = "results") -> str:
              "| study | dtype | rows stored / asked for | decoding time (summed over jobs) | working store | committed file |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(m["studies"].items()):
-        done = f"{r['rows']:,} / {r['expected']:,}" if r.get("expected") else "kept (not store rows)"
+        kept = r["state"] == "kept" if "state" in r else not r.get("expected")
+        done = "kept (not store rows)" if kept else f"{r['rows']:,} / {r['expected']:,}"
         state = "" if not r.get("expected") or r["rows"] == r["expected"] else " (running)"
         hours = _hours(r["seconds"]) if r.get("seconds") else ""
         lines.append(f"| {name} | {r.get('dtype', run_dtype)} | {done}{state} | {hours} "
