@@ -150,3 +150,17 @@ def test_save_figure_in_a_model_subfolder_shares_the_galleries_plotly(tmp_path):
     assert not (tmp_path / "gemma-3-270m" / "plotly.min.js").exists()
     plots.save_figure(fig, "z", tmp_path / "elsewhere" / "alone", png=False)  # no copy in the parent: its own
     assert (tmp_path / "elsewhere" / "alone" / "plotly.min.js").is_file()
+
+
+def test_em_vs_alpha_one_line_per_head_choice_and_the_baseline():
+    rows = [{"input": "long", "heads": "none", "alpha": np.nan, "k": np.nan, "em": 0.2, "lo": 0.1, "hi": 0.3, "n": 40}]
+    for a, e in ((-0.5, 0.1), (0.3, 0.4), (1.0, 0.15)):
+        rows.append({"input": "long", "heads": "contextual", "alpha": a, "k": 20, "em": e, "lo": e - 0.05, "hi": e + 0.05, "n": 40})
+    rows.append({"input": "long", "heads": "random", "alpha": 0.3, "k": 20, "em": 0.22, "lo": 0.15, "hi": 0.3, "n": 40})
+    fig = plots.em_vs_alpha(pd.DataFrame(rows))
+    assert [t.name for t in fig.data] == ["contextual heads, k=20", "random heads, k=20",
+                                         "long input, no intervention: 0.20 [0.10, 0.30]"]
+    assert list(fig.data[0].x) == [-0.5, 0.3, 1.0] and list(fig.data[0].y) == [0.1, 0.4, 0.15]
+    assert fig.data[1].line.dash == "dash" and list(fig.data[2].x) == [-0.5, 1.0] and list(fig.data[2].y) == [0.2, 0.2]
+    with pytest.raises(ValueError, match="lacks columns"):
+        plots.em_vs_alpha(pd.DataFrame(rows).drop(columns=["k"]))

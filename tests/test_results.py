@@ -102,6 +102,10 @@ def test_workspace_dtype_has_folders_of_its_own(tmp_path):
     assert Workspace.from_env(tmp_path, {"FDLIB_DTYPE": "bf16"}).dtype == "bfloat16"
     assert Workspace.from_env(tmp_path, {"FDLIB_DTYPE": ""}).dtype == "float32"
     assert Workspace.from_env(tmp_path, {}).dtype == "float32"
+    # a notebook's own default, which FDLIB_DTYPE overrides; the same run in another dtype
+    own = Workspace.from_env(tmp_path, {"FDLIB_SIZE": "paper"}, dtype="bf16")
+    assert own.dtype == "bfloat16" and Workspace.from_env(tmp_path, {"FDLIB_DTYPE": "float32"}, dtype="bf16").dtype == "float32"
+    assert own.in_dtype("float32").results == tmp_path / "results" and own.in_dtype("float32").size == "paper"
     with pytest.raises(ValueError, match="int8"):
         Workspace.from_env(tmp_path, {"FDLIB_DTYPE": "int8"})
     # a bfloat16 run never reuses a float32 kept result

@@ -20,7 +20,7 @@ from transformer_lens.model_bridge import TransformerBridge
 from fdlib.core.heads import Head
 from fdlib.core.store import Store, open_store
 from fdlib.data.nq import NQBuilder, QASample
-from fdlib.study.conditions import Condition
+from fdlib.study.conditions import Condition, Rows
 from fdlib.study.runner import run_study
 from fdlib.study.scores import SampleScores, em_summary, frame_scores, head_table, mean_scores, top_heads
 
@@ -33,15 +33,17 @@ def scored(model: TransformerBridge, frame: pd.DataFrame, samples: Sequence[QASa
     return frame_scores(model, frame, [s for s in samples if s.id in held], condition)
 
 
-def table3_conditions(samples: Sequence[QASample], alpha: float, heads: Sequence[Head]) -> list[Condition]:
+def table3_conditions(samples: Sequence[QASample], alpha: float, heads: Sequence[Head], *,
+                      rows: Rows = "response") -> list[Condition]:
     """The paper's Table 3 runs: per input variant of `samples`, the baseline and focus directions
-    (the set named "focus") at `alpha` on `heads`, answer rows."""
-    return [c for v in dict.fromkeys(s.variant for s in samples) for c in _table3_pair(v, alpha, heads)]
+    (the set named "focus") at `alpha` on `heads`, on the answer rows (`rows="response"`) or on
+    every row (`"all"`, the authors' placement)."""
+    return [c for v in dict.fromkeys(s.variant for s in samples) for c in _table3_pair(v, alpha, heads, rows)]
 
 
-def _table3_pair(variant: str, alpha: float, heads: Sequence[Head]) -> tuple[Condition, Condition]:
+def _table3_pair(variant: str, alpha: float, heads: Sequence[Head], rows: Rows = "response") -> tuple[Condition, Condition]:
     """One input variant's Table 3 conditions: without, and with the directions."""
-    return Condition.baseline(variant), Condition.focus(alpha, "focus", list(heads), input=variant)
+    return Condition.baseline(variant), Condition.focus(alpha, "focus", list(heads), input=variant, rows=rows)
 
 
 def focus_table(
@@ -52,16 +54,18 @@ def focus_table(
     heads: Sequence[Head],
     *,
     report: Sequence[Head] | None = None,
+    rows: Rows = "response",
     level: float = 0.95,
 ) -> pd.DataFrame:
-    """The paper's Table 3 from the frame of `table3_conditions`: R, IR, IR-max and Sink of the
-    `report` heads (default: `heads`) without and with the directions, per input variant of
-    `samples` (long and gold-only cases), with bootstrap CIs, EM and n."""
+    """The paper's Table 3 from the frame of `table3_conditions` (the same `rows`): R, IR, IR-max
+    and Sink (token 0; and Sink 0-1 where recorded) of the `report` heads (default: `heads`)
+    without and with the directions, per input variant of `samples` (long and gold-only cases),
+    with bootstrap CIs, EM and n."""
     report = list(report) if report is not None else list(heads)
     parts = []
     for v in dict.fromkeys(s.variant for s in samples):
         these = [s for s in samples if s.variant == v]
-        plain, steered = _table3_pair(v, alpha, heads)
+        plain, steered = _table3_pair(v, alpha, heads, rows)
         for name, c in (("without", plain), (f"alpha={alpha:g}", steered)):
             results = scored(model, frame, these, c.key)
             if not results:

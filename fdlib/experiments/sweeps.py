@@ -65,15 +65,16 @@ def focus_grid(
     ks: Sequence[int] | None = None,
     seeds: Sequence[int] | None = None,
     random_alphas: Sequence[float] | None = None,
+    random_ks: Sequence[int] | None = None,
     rows: Rows = "response",
     with_baselines: bool = True,
 ) -> list[Condition]:
     """(Baselines +) alpha x k x (contextual, random per seed) for one named directions set.
-    `random_alphas` restricts the random-head controls to some alphas (default: all)."""
+    `random_alphas` / `random_ks` restrict the random-head controls (default: all)."""
     g = FOCUS_GRIDS[size] if isinstance(size, str) else FOCUS_GRIDS["quick"]
     grid = focus_conditions(g["alphas"] if alphas is None else alphas, g["ks"] if ks is None else ks,
                        directions=directions, seeds=g["seeds"] if seeds is None else seeds,
-                       random_alphas=random_alphas, rows=rows)
+                       random_alphas=random_alphas, random_ks=random_ks, rows=rows)
     return (baselines() if with_baselines else []) + grid
 
 

@@ -729,7 +729,7 @@ def train_focus_directions(
         full_q[l, h], full_k[l, h] = d_q.detach()[c].cpu(), d_k.detach()[c].cpu()
     settings = {"lr": lr, "epochs": epochs, "weight_decay": weight_decay, "seed": seed, "loss": loss,
                 "max_norm": max_norm, "init_std": init_std, "heads": [f"L{l}H{h}" for l, h in chosen],
-                "n_samples": len(activations)}
+                "n_samples": len(activations), "losses": losses}
     dirs = FocusDirections(full_q, full_k, model_name(model), placement, training_set, split_seed, settings)
     return TrainResult(dirs, losses, before, mean_score())
 

@@ -69,7 +69,10 @@ class Workspace:
         object.__setattr__(self, "root", Path(self.root))
 
     @classmethod
-    def from_env(cls, root: str | Path = "..", environ: Mapping[str, str] | None = None) -> "Workspace":
+    def from_env(cls, root: str | Path = "..", environ: Mapping[str, str] | None = None, *,
+                 dtype: str = BASE_DTYPE) -> "Workspace":
+        """The workspace the environment's switches name; `dtype` is the notebook's own default,
+        for when `FDLIB_DTYPE` is unset."""
         from fdlib.model.loading import DEFAULT_MODEL
 
         env = os.environ if environ is None else environ
@@ -82,8 +85,13 @@ class Workspace:
             recompute=flag in ("1", "true", "yes"),
             shard=parse_shard(env.get("FDLIB_SHARD") or "0/1"),
             root=root,
-            dtype=env.get("FDLIB_DTYPE") or BASE_DTYPE,
+            dtype=env.get("FDLIB_DTYPE") or dtype,
         )
+
+    def in_dtype(self, dtype: str) -> "Workspace":
+        """The same model, size and run in another dtype (e.g. to read notebook 01's float32
+        ranking from a bfloat16 notebook)."""
+        return replace(self, dtype=dtype)
 
     @property
     def rendering(self) -> bool:

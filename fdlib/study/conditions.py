@@ -317,16 +317,19 @@ def focus_conditions(
     directions: str,
     seeds: Sequence[int] = (0,),
     random_alphas: Sequence[float] | None = None,
+    random_ks: Sequence[int] | None = None,
     rows: Rows = "response",
     rankings: Sequence[str] = ("contextual",),
 ) -> list[Condition]:
     """alpha x k x (each ranking, random heads per seed) for one named directions set;
-    `random_alphas` restricts the random-head controls to some alphas (default: all)."""
+    `random_alphas` / `random_ks` restrict the random-head controls to some alphas / ks (default:
+    all; a set trained on some heads only has vectors for those random heads)."""
     rand = set(alphas if random_alphas is None else random_alphas)
+    rand_k = set(ks if random_ks is None else random_ks)
     out = []
     for a in alphas:
         for k in ks:
             out += [Condition.focus(a, directions, r, k, rows=rows) for r in rankings]
-            if a in rand:
+            if a in rand and k in rand_k:
                 out += [Condition.focus(a, directions, RANDOM, k, seed=s, rows=rows) for s in seeds]
     return out

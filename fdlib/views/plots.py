@@ -212,6 +212,34 @@ def em_vs_k(
     return fig
 
 
+def em_vs_alpha(table: pd.DataFrame, *, title: str = "EM vs alpha, focus directions") -> go.Figure:
+    """The alpha curve from `sweeps.em_table`: EM per alpha for each head choice and k (solid:
+    contextual heads, dashed: random heads), CIs as error bars, and the long input without an
+    intervention as a horizontal line (the curve's alpha = 0)."""
+    needed = {"input", "heads", "alpha", "k", "em", "lo", "hi", "n"}
+    if missing := needed - set(table.columns):
+        raise ValueError(f"table lacks columns {sorted(missing)}; build it with fdlib.experiments.sweeps.em_table")
+    fig = go.Figure()
+    lines = table[(table.heads != "none") & table.alpha.notna()]
+    for i, ((heads, k), d) in enumerate(lines.groupby(["heads", "k"], sort=True)):
+        d = d.sort_values("alpha")
+        fig.add_trace(go.Scatter(
+            x=d.alpha, y=d.em, mode="lines+markers", name=f"{heads} heads, k={int(k)}",
+            line=dict(color=_TAU_COLORS[i % len(_TAU_COLORS)], dash="dash" if heads == "random" else "solid"),
+            error_y=dict(type="data", symmetric=False, array=d.hi - d.em, arrayminus=d.em - d.lo),
+            customdata=np.stack([d.lo, d.hi, d.n], axis=-1),
+            hovertemplate=f"{heads} heads, k={int(k)}<br>alpha=%{{x:g}}<br>EM=%{{y:.3f}} "
+            "[%{customdata[0]:.3f}, %{customdata[1]:.3f}]<br>n=%{customdata[2]}<extra></extra>"))
+    alphas = lines.alpha.dropna()
+    span = [alphas.min(), alphas.max()] if len(alphas) else [0, 1]
+    for _, b in table[(table.heads == "none") & (table.input == "long")].iterrows():
+        label = f"long input, no intervention: {b.em:.2f} [{b.lo:.2f}, {b.hi:.2f}]"
+        fig.add_trace(go.Scatter(x=span, y=[b.em, b.em], mode="lines", line=dict(color="black", dash="dot", width=1.5),
+                                 name=label, hovertemplate=label + "<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="alpha", yaxis_title="exact match", width=900, height=520)
+    return fig
+
+
 def doc_attention(
     before: Sequence[float] | np.ndarray,
     after: Sequence[float] | np.ndarray,
