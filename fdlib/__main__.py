@@ -70,22 +70,36 @@ def _train_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--loss", choices=list(LOSSES), default="relevant",
                     help="relevant: -S_C (the paper's); contrast: -(S_C - S_IRmax), k-document training sets only")
     ap.add_argument("--max-norm", type=float, help="bound each head's |d_Q| and |d_K| (default: none)")
-    ap.add_argument("--out", required=True, help="where to write the .safetensors file")
+    ap.add_argument("--out", help="where to write the .safetensors file (required unless --cache-only)")
+    ap.add_argument("--cache-only", action="store_true", help="build the activation cache (resumable) and stop")
+    ap.add_argument("--shard", default="0/1", help="with --cache-only, i/n: this process's share of the questions")
+    ap.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     _dtype_arg(ap)
 
 
 def train(args: argparse.Namespace) -> None:
-    """Train one set of directions on the NQ training split and save it."""
+    """Train one set of directions on the NQ training split and save it (or only build its
+    activation cache, a share of it with --shard)."""
+    import torch
+
     from fdlib.core.heads import random_heads
     from fdlib.data.nq import parse_size
     from fdlib.experiments.contextual import committed_ranking, contextual_study
-    from fdlib.interventions.training import train_nq_directions
+    from fdlib.interventions.training import cache_nq_activations, train_nq_directions
     from fdlib.model.loading import load_model
+    from fdlib.runs.workspace import parse_shard
 
-    model = load_model(args.model, dtype=args.dtype)
-    heads = None
+    if not args.cache_only and not args.out:
+        raise SystemExit("--out is required (or --cache-only)")
+    shard = parse_shard(args.shard)
+    if shard != (0, 1) and not args.cache_only:
+        raise SystemExit("--shard splits the cache build: give --cache-only, then train unsharded")
     if args.random and not args.top:
         raise SystemExit("--random adds random heads to the --top heads: give --top too")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, dtype=args.dtype)
+    heads = None
     if args.top:
         if args.heads_from:
             heads = committed_ranking(model, args.heads_from, size=parse_size(args.heads_size))[0][: args.top]
@@ -98,6 +112,12 @@ def train(args: argparse.Namespace) -> None:
                                                             args.random_seed)))
     extra = {k: v for k, v in (("positions", args.positions), ("max_new_tokens", args.max_new_tokens),
                                ("init_std", args.init_std)) if v is not None}
+    if args.cache_only:
+        extra.pop("init_std", None)
+        cache, examples = cache_nq_activations(model, training_set=args.training_set, size=parse_size(args.size),
+                                               heads=heads, root=args.cache, shard=shard, **extra)
+        print(f"{len(examples)} examples in {cache.dir} ({sum(e.path.stat().st_size for e in examples) / 2**20:.0f} MiB)")
+        return
     result = train_nq_directions(model, training_set=args.training_set, placement=args.placement,
                                  size=parse_size(args.size), heads=heads, root=args.cache, lr=args.lr,
                                  epochs=args.epochs, seed=args.seed, loss=args.loss, max_norm=args.max_norm, **extra)
@@ -162,20 +182,23 @@ def _paper_args(ap: argparse.ArgumentParser) -> None:
 def paper(args: argparse.Namespace) -> None:
     """The paper-size run: status, run (resumes, then exports), merge (shards), export."""
     from fdlib.runs import paper as run
-    from fdlib.runs.workspace import parse_shard
+    from fdlib.runs.workspace import notebook_dtype, parse_shard
 
     # a SIGTERM (a cluster's time limit, `kill`) unwinds like Ctrl-C, so a running notebook stops too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(args.root)
-    ws = run.workspace(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard),
-                       args.dtype or os.environ.get("FDLIB_DTYPE"))
+    given = args.dtype or os.environ.get("FDLIB_DTYPE")
+    ws = run.workspace(args.model or os.environ.get("FDLIB_MODEL"), root, parse_shard(args.shard), given)
     chosen = run.chosen(args.only)
+    # without a dtype given, each notebook runs, merges and exports in its own (`notebook_dtype`)
+    in_own = lambda nb: ws if given else ws.in_dtype(notebook_dtype(nb))  # noqa: E731
     if args.action == "status":
-        print(run.format_status(run.study_status(ws)))
+        print(run.format_status([s for w in dict.fromkeys(in_own(nb) for nb in chosen) for s in run.study_status(w)
+                                 if s["notebook"] in chosen and in_own(s["notebook"]) == w]))
     elif args.action == "merge":
-        print("\n".join(str(p) for p in run.merge(ws, chosen)) or "no shard stores")
+        print("\n".join(str(p) for nb in chosen for p in run.merge(in_own(nb), [nb])) or "no shard stores")
     elif args.action == "export":
-        print("\n".join(str(p) for p in run.export(ws, chosen)))
+        print("\n".join(str(p) for nb in chosen for p in run.export(in_own(nb), [nb])))
     else:
         if args.from_results:
             for p in run.seed_from_results(ws):
@@ -184,11 +207,11 @@ def paper(args: argparse.Namespace) -> None:
               flush=True)
         print(run.format_status(run.study_status(ws)), flush=True)
         for nb in chosen:
-            print(f"\n== {nb} ==", flush=True)
-            seconds = run.run_notebook(root / "notebooks" / f"{nb}.ipynb", ws, args.threads)
+            print(f"\n== {nb} ({in_own(nb).dtype}) ==", flush=True)
+            seconds = run.run_notebook(root / "notebooks" / f"{nb}.ipynb", in_own(nb), args.threads)
             print(f"{nb}: {run.hms(seconds)}", flush=True)
             if not ws.sharded:
-                run.export(ws, [nb])
+                run.export(in_own(nb), [nb])
         print(run.format_status(run.study_status(ws)), flush=True)
 
 

@@ -303,6 +303,20 @@ def test_reproduce_skips_notebooks_without_results(tmp_path):
     assert [p.name for p in reproduce.missing_results("05_retrieval_vs_contextual", ws)][1] == "05_retrieval.json"
 
 
+def test_a_notebook_with_a_dtype_of_its_own(tmp_path, monkeypatch):
+    """A notebook registered in NOTEBOOK_DTYPES renders and runs in its dtype unless one is
+    given, and needs notebook 01's float32 ranking (its heads), not a ranking in its dtype."""
+    from fdlib.runs import workspace
+
+    assert workspace.notebook_dtype("03_focus_directions") == workspace.NOTEBOOK_DTYPES.get("03_focus_directions", "float32")
+    monkeypatch.setitem(workspace.NOTEBOOK_DTYPES, "03_focus_directions", "bfloat16")
+    monkeypatch.setattr(reproduce, "NOTEBOOK_DTYPES", workspace.NOTEBOOK_DTYPES)
+    ws = build_ws(tmp_path, size="paper", dtype="bfloat16")
+    missing = [p.relative_to(tmp_path).as_posix() for p in reproduce.missing_results("03_focus_directions", ws)]
+    assert missing[0] == "results/01_contextual.jsonl.gz" and all(m.startswith("results/bfloat16/03_") for m in missing[1:])
+    assert workspace.notebook_dtype("03_focus_directions") == "bfloat16" and workspace.notebook_dtype("02_split_softmax") == "float32"
+
+
 def test_every_notebook_store_is_registered():
     """The stores notebooks name are the ones the pipeline runs, exports and checks."""
     import re
@@ -406,6 +420,13 @@ def test_dtype_on_the_command_line_picks_its_workspace_and_ledger(tmp_path, monk
     assert ap.parse_args(["reproduce", "--dtype", "float16"]).dtype == "float16"
     with pytest.raises(SystemExit):
         ap.parse_args(["sweep", "--dtype", "int8"])
+    # train: the cache alone may be built in shares; training is one process with an output file
+    args = ap.parse_args(["train", "--training-set", "positions", "--cache-only", "--shard", "1/2", "--positions", "1", "10"])
+    assert args.cache_only and args.shard == "1/2" and args.positions == [1, 10] and args.out is None
+    for argv, why in ((["train"], "--out is required"), (["train", "--out", "x", "--shard", "0/2"], "give --cache-only"),
+                      (["train", "--out", "x", "--random", "5"], "give --top too")):
+        with pytest.raises(SystemExit, match=why):
+            cli.train(ap.parse_args(argv))  # refused before any model is loaded
     assert cli._runs_file(None, "sweep.sqlite", "bfloat16") == str(Path("runs") / "bfloat16" / "sweep.sqlite")
     assert cli._runs_file(None, "sweep.sqlite", "float32") == str(Path("runs") / "sweep.sqlite")
     out = subprocess.run([sys.executable, "-m", "fdlib", "paper", "status", "--help"], capture_output=True, text=True,

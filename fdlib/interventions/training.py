@@ -738,6 +738,32 @@ def all_heads(model: TransformerBridge) -> list[Head]:
     return [(l, h) for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
+def cache_nq_activations(
+    model: TransformerBridge,
+    *,
+    training_set: TrainingSet = "gold",
+    size: Any = "quick",
+    heads: Sequence[Head] | None = None,
+    root: str | Path | None = None,
+    n_docs: int = 20,
+    positions: Sequence[int] = AUTHORS_POSITIONS,
+    max_new_tokens: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> tuple[ActivationCache, list[CachedExample]]:
+    """The activation cache `train_nq_directions` trains from, built (resumably) without
+    training: with `shard` (i, n), n processes build one cache side by side."""
+    from fdlib.model.loading import cache_dir
+
+    authors = training_set == "positions"
+    tokens = max_new_tokens or (AUTHORS_ANSWER_TOKENS if authors else 32)
+    cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set,
+                            heads=heads if authors else None, max_new_tokens=tokens)
+    examples = build_activation_cache(model, cache, split="train", size=size, n_docs=n_docs, positions=positions,
+                                      shard=shard, progress=progress)
+    return cache, examples
+
+
 def train_nq_directions(
     model: TransformerBridge,
     *,
@@ -766,17 +792,14 @@ def train_nq_directions(
     import time
 
     from fdlib.data.nq import SPLIT_SEED
-    from fdlib.model.loading import cache_dir
 
     check_trainable(model, placement)
-    authors = training_set == "positions"
-    tokens = max_new_tokens or (AUTHORS_ANSWER_TOKENS if authors else 32)
-    train_kwargs.setdefault("init_std", AUTHORS_INIT_STD if authors else 0.0)
-    cache = ActivationCache(Path(root) if root is not None else cache_dir() / "activations", model, training_set,
-                            heads=heads if authors else None, max_new_tokens=tokens)
+    train_kwargs.setdefault("init_std", AUTHORS_INIT_STD if training_set == "positions" else 0.0)
     start = time.perf_counter()
-    examples = build_activation_cache(model, cache, split="train", size=size, n_docs=n_docs, positions=positions,
-                                      progress=progress)
+    cache, examples = cache_nq_activations(model, training_set=training_set, size=size, heads=heads, root=root,
+                                           n_docs=n_docs, positions=positions, max_new_tokens=max_new_tokens,
+                                           progress=progress)
+    tokens = cache.max_new_tokens
     cached = time.perf_counter()
     chosen = list(heads) if heads is not None else all_heads(model)
     acts = CachedActivations(cache, examples, chosen, placement)

@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Sequence
 
 from fdlib.runs.paper import NOTEBOOK_STUDIES, committed_file
-from fdlib.runs.workspace import PAPER, Workspace
+from fdlib.core.store import BASE_DTYPE
+from fdlib.runs.workspace import NOTEBOOK_DTYPES, PAPER, Workspace, notebook_dtype
 
 
 def missing_results(notebook: str, ws: Workspace) -> list[Path]:
-    """The committed results files a notebook renders from that are not there."""
+    """The committed results files a notebook renders from that are not there: its studies' in
+    `ws`, and notebook 01's ranking (in float32 for a notebook with a dtype of its own, whose
+    heads are the float32 ranking's)."""
     if notebook not in NOTEBOOK_STUDIES:
         return []  # the workshop and the explorer compute what they show
-    names = dict.fromkeys(("01_contextual",) + NOTEBOOK_STUDIES[notebook])
-    return [p for p in (committed_file(ws, n) for n in names) if not p.exists()]
+    ranking = ws.in_dtype(BASE_DTYPE) if notebook in NOTEBOOK_DTYPES else ws
+    files = [committed_file(ranking, "01_contextual")] + [committed_file(ws, n) for n in NOTEBOOK_STUDIES[notebook]]
+    return [p for p in dict.fromkeys(files) if not p.exists()]
 
 
 def run_notebooks(notebooks: list[Path], size: str | int, timeout: int | None = None, dtype: str | None = None) -> None:
@@ -61,13 +65,15 @@ def reproduce(notebooks: Path, size: str | int = PAPER, only: Sequence[Path] = (
     if ws.rendering:
         ready = []
         for path in chosen:
-            missing = missing_results(path.stem, ws)
+            # a notebook with a dtype of its own renders in it unless a dtype is given
+            mine = ws if dtype is not None or os.environ.get("FDLIB_DTYPE") else ws.in_dtype(notebook_dtype(path.stem))
+            missing = missing_results(path.stem, mine)
             if missing:
                 sys.stderr.write(f"{path.name}: skipped, no committed results yet ({', '.join(p.name for p in missing)}); "
                                  "`./dev figures paper` computes them\n")
             else:
                 ready.append(path)
         chosen = ready
-    run_notebooks(chosen, size, dtype=ws.dtype)
+    run_notebooks(chosen, size, dtype=dtype)
     if size == PAPER and (notebooks.parent / "README.md").exists():
         update_readme(notebooks.parent / "README.md", notebooks.parent / "figures", notebooks, notebooks.parent / "results")

@@ -29,6 +29,14 @@ from fdlib.core.store import BASE_DTYPE, RESULTS_SUFFIX, atomic_write, check_sha
 from fdlib.data.nq import SIZES, parse_size, sized
 
 PAPER = "paper"
+# Notebooks whose studies compute in another dtype than float32 unless `FDLIB_DTYPE` (or the
+# CLI's --dtype) says otherwise: their committed results are in that dtype's folders.
+NOTEBOOK_DTYPES: dict[str, str] = {}
+
+
+def notebook_dtype(notebook: str) -> str:
+    """The dtype notebook `notebook` (e.g. "03_focus_directions") computes in by default."""
+    return NOTEBOOK_DTYPES.get(notebook, BASE_DTYPE)
 
 
 def model_slug(model: str) -> str:
