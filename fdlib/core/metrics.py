@@ -39,7 +39,7 @@ def best_subspan_em(prediction: str, answers: Sequence[str]) -> bool:
 def question_id(sample_id: str) -> str:
     """The NQ question a prompt id belongs to: the part before the first "/" (`nq0863/k20g10` ->
     `nq0863`; an id without "/" is its own question). The one place of this rule for intervals
-    and tests; `QASample.group` applies the same rule. Not for long-context task ids
+    and tests, `QASample.group` and the training cache's examples. Not for long-context task ids
     (`task/n_tokens/seed/key`), whose samples are each their own group."""
     return str(sample_id).split("/", 1)[0]
 

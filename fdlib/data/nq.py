@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from fdlib.core.metrics import best_subspan_em, normalize_answer
+from fdlib.core.metrics import best_subspan_em, normalize_answer, question_id
 from fdlib.core.spans import Span
 
 Size = Literal["quick", "paper", "full"]
@@ -208,7 +208,7 @@ class QASample:
     def group(self) -> str:
         """The question this prompt is a variant of (every variant and gold position of one
         question share it): what a study writes in one transaction and shards by."""
-        return self.id.split("/")[0]
+        return question_id(self.id)
 
     @property
     def metric(self) -> str:

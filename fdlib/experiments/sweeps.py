@@ -14,7 +14,7 @@ import pandas as pd
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.core.heads import Head
-from fdlib.core.metrics import best_subspan_em, bootstrap_ci
+from fdlib.core.metrics import best_subspan_em, bootstrap_ci, question_id
 from fdlib.data.nq import NQBuilder, QASample, Size
 from fdlib.interventions.directions import FocusDirections
 from fdlib.interventions.engine import decode_batch
@@ -112,7 +112,7 @@ class QuestionInputs:
 
     @property
     def id(self) -> str:
-        return self.long.id.split("/")[0]
+        return question_id(self.long.id)
 
     def get(self, variant: str) -> QASample:
         return getattr(self, variant)

@@ -28,6 +28,7 @@ from torch import Tensor
 from transformer_lens.model_bridge import TransformerBridge
 
 from fdlib.core.heads import Head, check_heads
+from fdlib.core.metrics import question_id
 from fdlib.core.store import atomic_write
 from fdlib.interventions.directions import TRAINING_SETS, FocusDirections, Placement, TrainingSet
 from fdlib.model import arch
@@ -416,7 +417,7 @@ def gold_answer(model: TransformerBridge, cache: ActivationCache, gold: Any) -> 
     from fdlib.model.decoding import decode, prefill
 
     path = cache.dir / "answers.json"
-    qid = gold.id.split("/")[0]
+    qid = question_id(gold.id)
     got: dict[str, list[int]] = json.loads(path.read_text()) if path.exists() else {}
     if qid not in got:
         tokens = list(decode(model, prefill(model, gold.input_ids), max_new_tokens=cache.max_new_tokens).tokens)
@@ -463,7 +464,7 @@ def build_activation_cache(
     bar = tqdm(total=len(golds) * n_per, desc=f"caching activations ({cache.training_set})", unit="example",
                disable=not progress)
     for gold in golds:
-        qid = gold.id.split("/")[0]
+        qid = question_id(gold.id)
         tokens, last = None, None
         # the last gold position first: each next prompt shares the documents before its gold
         # document with the one before it, and continues that prompt's cache from there
@@ -808,7 +809,7 @@ def train_nq_directions(
     result.directions.settings.update({
         "size": size if isinstance(size, (int, str)) else str(size), "n_docs": n_docs, "max_new_tokens": tokens,
         "positions": sorted({e.gold_position for e in examples if e.gold_position is not None}) or None,
-        "n_questions": len({e.id.split("/")[0] for e in examples}),
+        "n_questions": len({question_id(e.id) for e in examples}),
         "cache_mib": round(sum(e.path.stat().st_size for e in examples) / 2**20, 1),
         "cache_seconds": round(cached - start, 1), "train_seconds": round(time.perf_counter() - cached, 1),
         "dtype": dtype_name(model_dtype(model))})
